@@ -1,0 +1,44 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def preset_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every preset in ``ficoco.presets.PRESETS`` built once per session: {name: checkpoint dir}."""
+    from ficoco.presets import PRESETS, build_preset
+
+    root = tmp_path_factory.mktemp("presets")
+    return {name: build_preset(name, root / name) for name in PRESETS}
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A deterministic 500x400 RGB test picture (smooth gradients plus seeded noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:400, 0:500]
+    rgb = np.stack([x * 255 / 500, y * 255 / 400, (x + y) % 256], axis=-1)
+    rgb = rgb + rng.normal(0, 20, rgb.shape)
+    return Image.fromarray(rgb.clip(0, 255).astype("uint8"))
+
+
+def make_inputs(processor, image, instruction: str = "Describe the image."):
+    """Processor inputs for one image and a LLaVA chat prompt (the processor's own expansion of <image>)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+@pytest.fixture(scope="session")
+def tiny(preset_dirs):
+    """{preset name: (model float32, processor)}, loaded through the same code as a real checkpoint."""
+    from ficoco.presets import load
+
+    return {name: load(path) for name, path in preset_dirs.items()}
