@@ -115,8 +115,8 @@ def window_penalty(
     window_max = dense.amax(dim=(2, 4)).reshape(batch, nh * nw)  # [B, windows]
     window_id = (row // wh) * nw + col // ww  # [B, n]
     is_max = scores == window_max.gather(1, window_id)
-    factor = torch.where(scores > 0, scale, 1.0 / scale)
-    return torch.where(is_max, scores * factor, scores)
+    scaled = torch.where(scores > 0, scores * scale, scores / scale)  # in the scores' dtype
+    return torch.where(is_max, scaled, scores)
 
 
 def split_by_score(scores: Tensor, r: int) -> tuple[Tensor, Tensor]:
