@@ -45,6 +45,9 @@ class FiCoCoConfig:
     local_penalty: bool = True
     vision_start_layer: int = 12  # first encoder layer that reduces (0-based)
     language_layers: tuple[int, ...] = field(default=(4,))  # decoder layers that reduce (0-based)
+    # LLaVA-NeXT: "auto" = HF's unpadded grid without FiCoCo-V, the crop layout with it;
+    # "crops" = always the crop layout (static token count; what the export uses)
+    crop_layout: str = "auto"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -66,6 +69,8 @@ class FiCoCoConfig:
             raise ValueError(f"penalty_scale must be > 0, got penalty_scale={self.penalty_scale}")
         if self.vision_start_layer < 0:
             raise ValueError(f"vision_start_layer must be >= 0, got {self.vision_start_layer}")
+        if self.crop_layout not in ("auto", "crops"):
+            raise ValueError(f"crop_layout must be 'auto' or 'crops', got {self.crop_layout!r}")
         layers = tuple(self.language_layers)
         if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
             raise ValueError(f"language_layers must be distinct ascending layer indices >= 0, got {layers}")

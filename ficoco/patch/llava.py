@@ -20,7 +20,9 @@ base (resized whole-image) crop's k tokens, then the high-resolution crops row
 by row of the anyres grid, each crop's k tokens in raster order, and one
 `image_newline` after each row of crops: `k * (1 + rows * cols) + rows` tokens.
 Padding crops are not unpadded (FiCoCo tends to discard uniform padding
-anyway). Without FiCoCo-V (variant `l`, or ratio 1) HF's own layout is used.
+anyway). Without FiCoCo-V (variant `l`, or ratio 1) HF's own layout is used,
+unless `crop_layout="crops"` asks for the crop layout always (its token count
+depends only on the anyres grid, not on the image's aspect: the export uses it).
 """
 
 from __future__ import annotations
@@ -72,20 +74,21 @@ def _language_steps(config: FiCoCoConfig, geometry: ModelGeometry, visual_tokens
 # --------------------------------------------------------------------------- image features
 
 
-def _encode_crops(model, pixel_values: Tensor, plan: Plan) -> Tensor:
-    """pixel_values [crops, 3, S, S] -> projected features of the kept tokens [crops, k(+1), D]."""
+def encode_crops(model, pixel_values: Tensor, plan: Plan) -> tuple[Tensor, Tensor]:
+    """pixel_values [crops, 3, S, S] -> projected features of the kept tokens [crops, k(+1), D]
+    and their grid positions [crops, k]. `model` is the inner LlavaModel / LlavaNextModel."""
     encode = VISION_TOWERS[type(model.vision_tower).__name__]
-    hidden, _ = encode(model.vision_tower, pixel_values, plan.vision, plan.geometry.feature_layer, plan.vision_params)
+    hidden, positions = encode(model.vision_tower, pixel_values, plan.vision, plan.geometry.feature_layer, plan.vision_params)
     if model.config.vision_feature_select_strategy == "default":
         hidden = hidden[:, 1:]  # drop CLS
-    return model.multi_modal_projector(hidden)
+    return model.multi_modal_projector(hidden), positions
 
 
 def llava_features(model, pixel_values: Tensor, image_sizes, plan: Plan) -> list[Tensor]:
     """LLaVA-1.5: one crop per image -> list of [k, D]."""
     if not plan.vision:
         return list(type(model).get_image_features(model, pixel_values=pixel_values, return_dict=True).pooler_output)
-    return list(_encode_crops(model, pixel_values, plan))
+    return list(encode_crops(model, pixel_values, plan)[0])
 
 
 def layout_crops(features: Tensor, grid: tuple[int, int], newline: Tensor) -> Tensor:
@@ -99,7 +102,7 @@ def layout_crops(features: Tensor, grid: tuple[int, int], newline: Tensor) -> Te
 
 def llava_next_features(model, pixel_values: Tensor, image_sizes, plan: Plan) -> list[Tensor]:
     """LLaVA-NeXT: anyres crops per image -> list of [n_i, D]."""
-    if not plan.vision:
+    if not plan.vision and plan.config.crop_layout == "auto":
         out = type(model).get_image_features(model, pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True)
         return list(out.pooler_output)
     config = model.config
@@ -108,7 +111,7 @@ def llava_next_features(model, pixel_values: Tensor, image_sizes, plan: Plan) ->
         for size in image_sizes
     ]
     crops = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, counts)]) if pixel_values.dim() == 5 else pixel_values
-    per_image = torch.split(_encode_crops(model, crops, plan), counts)
+    per_image = torch.split(encode_crops(model, crops, plan)[0], counts)
     grids = [
         modeling_llava_next.get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
         for size in image_sizes

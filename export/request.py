@@ -1,0 +1,74 @@
+"""What a user asked `export.build` for, validated (no torch)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ficoco.config import FiCoCoConfig
+
+VARIANTS = ("v", "l", "vl", "none")
+PRECISIONS = ("fp32", "fp16", "bf16")
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "none")
+DEFAULT_COMPUTE_CAPABILITIES = ("8.6", "8.9", "12.0")  # Ampere RTX, Ada, Blackwell RTX
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise ValueError(f"--grid must look like 2x2 (rows x cols of 336 px crops), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def parse_capability(text: str) -> str:
+    match = re.fullmatch(r"(?:sm_?|SM)?(\d+)\.?(\d)", text)
+    if not match:
+        raise ValueError(f"--compute-capability takes values like 8.6, 87 or sm_120, got {text!r}")
+    return f"{int(match[1])}.{match[2]}"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: str = "tiny-llava-1.5"
+    variant: str = "v"
+    ratio: float | None = None
+    tokens: int | None = None
+    out: Path | None = None
+    precision: str = "fp32"
+    backend: str = "auto"
+    compute_capabilities: tuple[str, ...] = DEFAULT_COMPUTE_CAPABILITIES
+    max_seq_len: int = 2048
+    skip_verify: bool = False
+    grid: tuple[int, int] = (2, 2)
+    grid_given: bool = False
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "none" and (self.ratio not in (None, 1.0) or self.tokens is not None):
+            raise ValueError(f"--variant none keeps every token; drop --ratio {self.ratio} / --tokens {self.tokens}")
+        if self.variant != "none" and (self.ratio is None) == (self.tokens is None):
+            raise ValueError("give exactly one of --ratio and --tokens")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 16 <= self.max_seq_len <= 131072:
+            raise ValueError(f"--max-seq-len must be in [16, 131072], got {self.max_seq_len}")
+        self.ficoco_config()  # validates ratio / tokens
+
+    def ficoco_config(self) -> FiCoCoConfig:
+        """The FiCoCo setting; `none` is ratio 1 (an empty schedule) with the same static layout."""
+        if self.variant == "none":
+            return FiCoCoConfig("v", ratio=1.0, crop_layout="crops")
+        return FiCoCoConfig(self.variant, ratio=self.ratio, tokens=self.tokens, crop_layout="crops")
+
+    def default_out(self) -> Path:
+        name = Path(self.model).name if Path(self.model).exists() else self.model
+        amount = "" if self.variant == "none" else (f"-r{self.ratio:g}" if self.ratio is not None else f"-t{self.tokens}")
+        return Path("builds") / f"{name}-{self.variant}{amount}-{self.precision}"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out if self.out is not None else self.default_out()

@@ -1,0 +1,281 @@
+"""export.engine: flavour loading, spec checks, command lines, and real TensorRT-RTX builds on the CPU.
+
+The build tests need TensorRT-RTX (the `rtx` extra) and skip without it; the rest run anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from export.engine import (
+    BackendNotInstalledError,
+    EngineBuildError,
+    EngineSpec,
+    Flavour,
+    Profile,
+    _apply_precision,
+    build_engine,
+    load_flavour,
+    trtexec_command,
+)
+
+SEQ = ((1, 4, 16), (1, 8, 16), (1, 64, 16))  # (min, opt, max) of the toy's input "x"
+PROFILES = {"x": SEQ}
+
+
+@pytest.fixture(scope="module")
+def rtx() -> Flavour:
+    """TensorRT-RTX, or a skip saying how to get it."""
+    pytest.importorskip(
+        "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed: pip install 'ficoco-edge[rtx]'"
+    )
+    return load_flavour("tensorrt-rtx")
+
+
+def _export_toy(path: Path, half: bool) -> Path:
+    """A tiny graph with a dynamic sequence: LayerNorm, TopK (constant k), Gather(Elements), Softmax, MatMul, Scatter."""
+    import torch
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.norm(self.proj(x))  # (1, S, 16)
+            _, idx = torch.topk(h.mean(-1), 4, dim=-1)  # (1, 4)
+            index = idx.unsqueeze(-1).expand(-1, -1, 16)
+            kept = torch.gather(h, 1, index) + torch.index_select(h, 1, idx[0])
+            out = torch.softmax(kept @ h.transpose(1, 2), dim=-1) @ h  # (1, 4, 16)
+            return torch.scatter(h, 1, index, out), out
+
+    dtype = torch.float16 if half else torch.float32
+    model = Toy().eval().to(dtype)
+    seq = torch.export.Dim("seq", min=SEQ[0][1], max=SEQ[2][1])
+    torch.onnx.export(
+        model, (torch.randn(SEQ[1], dtype=dtype),), str(path), dynamo=True,
+        input_names=["x"], output_names=["updated", "merged"], dynamic_shapes=({1: seq},),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_onnx(tmp_path_factory: pytest.TempPathFactory, rtx: Flavour) -> dict[str, Path]:
+    """{"fp32": path, "fp16": path} of the toy exported in each precision (weights as external data)."""
+    root = tmp_path_factory.mktemp("onnx")
+    return {p: _export_toy(root / f"toy_{p}.onnx", half=p == "fp16") for p in ("fp32", "fp16")}
+
+
+def _onnx_model(path: Path, node: object, inputs: list, outputs: list, initializers: tuple = ()) -> Path:
+    """Save a one-node ONNX graph."""
+    import onnx
+
+    graph = onnx.helper.make_graph([node], "g", inputs, outputs, initializer=list(initializers))
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+# --- flavours -------------------------------------------------------------------------------
+
+
+def test_unknown_backend_is_a_value_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="'onnxruntime'"):
+        load_flavour("onnxruntime")
+
+
+def test_missing_standard_tensorrt_names_the_trt_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt now raises ImportError
+    with pytest.raises(BackendNotInstalledError, match=r"ficoco-edge\[trt\]") as info:
+        load_flavour("tensorrt")
+    assert isinstance(info.value, ValueError) and "JetPack" in str(info.value)
+
+
+def test_auto_without_any_tensorrt_names_both_extras(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(BackendNotInstalledError) as info:
+        load_flavour("auto")
+    assert "ficoco-edge[trt]" in str(info.value) and "ficoco-edge[rtx]" in str(info.value)
+
+
+def test_auto_falls_back_to_rtx(monkeypatch: pytest.MonkeyPatch, rtx: Flavour) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    flavour = load_flavour("auto")
+    assert flavour == rtx and flavour.is_rtx and flavour.version.startswith("1.")
+
+
+# --- specs and command lines ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"precision": "int8"},
+        {"compute_capabilities": ("86",)},
+        {"compute_capabilities": ("8.6", "8.6")},
+        {"profiles": {"x": ((1, 8, 16), (1, 4, 16), (1, 64, 16))}},  # min > opt
+        {"profiles": {"x": ((1, 4), (1, 8, 16), (1, 64, 16))}},  # ranks differ
+        {"profiles": {"x": ((1, 4, 16), (1, 8, 16))}},  # not a triple
+        {"engine_path": "m.onnx"},
+        {"fp32_layers": "norm("},
+    ],
+)
+def test_spec_rejects_bad_values(kwargs: dict) -> None:
+    args = {"onnx_path": "m.onnx", "engine_path": "m.engine", **kwargs}
+    with pytest.raises(ValueError):
+        EngineSpec(**args)
+
+
+def test_spec_normalises_profiles_and_paths() -> None:
+    spec = EngineSpec("m.onnx", "m.engine", PROFILES, compute_capabilities=["8.6", "12.0"])
+    assert spec.profiles["x"] == Profile(*SEQ) and spec.engine_path == Path("m.engine")
+    assert spec.compute_capabilities == ("8.6", "12.0") and hash(spec)
+
+
+def test_trtexec_command_for_standard_tensorrt_fp16() -> None:
+    spec = EngineSpec("m.onnx", "out dir/m.engine", PROFILES, precision="fp16")
+    cmd = trtexec_command(spec, Flavour("tensorrt", None, "10.3.0"), ["node_layer_norm"])
+    assert cmd.startswith("trtexec --onnx=m.onnx '--saveEngine=out dir/m.engine'")
+    for part in ("--minShapes=x:1x4x16", "--optShapes=x:1x8x16", "--maxShapes=x:1x64x16", "--fp16",
+                 "--precisionConstraints=obey", "--layerPrecisions=node_layer_norm:fp32"):
+        assert part in cmd
+    assert "# add --layerPrecisions" in trtexec_command(spec, Flavour("tensorrt", None, "10.3.0"))
+
+
+def test_trtexec_command_for_rtx_has_shapes_and_targets_but_no_precision_flags() -> None:
+    spec = EngineSpec("m.onnx", "m.engine", PROFILES, precision="fp16", compute_capabilities=("8.6", "12.0"))
+    cmd = trtexec_command(spec, Flavour("tensorrt-rtx", None, "1.7.1"))
+    assert cmd.startswith("tensorrt_rtx --onnx=m.onnx --saveEngine=m.engine")
+    assert "--minShapes=x:1x4x16 --optShapes=x:1x8x16 --maxShapes=x:1x64x16" in cmd
+    assert "--computeCapabilities=86,120" in cmd and "--fp16" not in cmd
+
+
+def test_standard_tensorrt_fp16_pins_norms_and_softmax_to_fp32() -> None:
+    """Weak typing (standard TensorRT only; checked with stand-ins, it is not installable here)."""
+    dt = SimpleNamespace(FLOAT="f32", HALF="f16", BF16="bf16", INT32="i32")
+    trt = SimpleNamespace(
+        DataType=dt, float32="f32",
+        LayerType=SimpleNamespace(NORMALIZATION="norm", SOFTMAX="softmax", OTHER="other"),
+        BuilderFlag=SimpleNamespace(FP16="FP16", BF16="BF16", OBEY_PRECISION_CONSTRAINTS="OBEY"),
+    )
+
+    class Layer(SimpleNamespace):
+        num_outputs = 1
+
+        def get_output(self, j: int) -> SimpleNamespace:
+            return SimpleNamespace(dtype=self.out)
+
+        def set_output_type(self, j: int, dtype: str) -> None:
+            self.out_type = dtype
+
+    layers = [Layer(name="node_layer_norm", type="norm", out=dt.FLOAT), Layer(name="a", type="softmax", out=dt.FLOAT),
+              Layer(name="b", type="other", out=dt.FLOAT), Layer(name="rms_norm_shape", type="other", out=dt.INT32)]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    config = SimpleNamespace(flags=[], set_flag=lambda f: config.flags.append(f))
+    spec = EngineSpec("m.onnx", "m.engine", precision="fp16")
+    pinned = _apply_precision(Flavour("tensorrt", trt, "10.3"), config, network, spec, log=lambda m: None)
+    assert pinned == ["node_layer_norm", "a"] and config.flags == ["FP16", "OBEY"]
+    assert [getattr(layer, "precision", None) for layer in layers] == ["f32", "f32", None, None]
+    assert layers[0].out_type == "f32" and not hasattr(layers[2], "out_type")
+
+
+# --- real TensorRT-RTX builds ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_rtx_builds_the_toy_for_ampere_and_blackwell(
+    rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path, precision: str
+) -> None:
+    spec = EngineSpec(toy_onnx[precision], tmp_path / "engines" / "toy.engine", PROFILES, precision, ("8.6", "12.0"))
+    lines: list[str] = []
+    report = build_engine(spec, rtx, log=lines.append)
+    data = spec.engine_path.read_bytes()
+    assert report["parser_errors"] == 0 and report["flavour"] == "tensorrt-rtx"
+    assert report["bytes"] == len(data) > 0 and report["sha256"] == hashlib.sha256(data).hexdigest()
+    dtype = {"fp32": "float32", "fp16": "float16"}[precision]
+    assert report["inputs"] == [{"name": "x", "dtype": dtype, "shape": [1, -1, 16]}]
+    assert report["outputs"] == [{"name": "updated", "dtype": dtype, "shape": [1, -1, 16]},
+                                 {"name": "merged", "dtype": dtype, "shape": [1, 4, 16]}]
+    assert report["compute_capabilities"] == ["8.6", "12.0"] and report["precision"] == precision
+    assert "--maxShapes=x:1x64x16" in report["trtexec"] and "--computeCapabilities=86,120" in report["trtexec"]
+    assert [p.name for p in spec.engine_path.parent.iterdir()] == ["toy.engine"]  # no temp file left
+
+
+def _assert_nothing_written(engine: Path) -> None:
+    assert not engine.exists() and not list(engine.parent.glob(f".{engine.name}*"))
+
+
+def test_truncated_onnx_raises_and_writes_nothing(rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(toy_onnx["fp32"].read_bytes()[:200])
+    engine = tmp_path / "broken.engine"
+    with pytest.raises(EngineBuildError, match="could not parse") as info:
+        build_engine(EngineSpec(broken, engine, PROFILES), rtx, log=lambda m: None)
+    assert info.value.errors
+    _assert_nothing_written(engine)
+
+
+def test_scatter_with_reduction_is_a_parser_error(rtx: Flavour, tmp_path: Path) -> None:
+    from onnx import TensorProto
+    from onnx.helper import make_node, make_tensor_value_info as value
+
+    onnx_path = _onnx_model(
+        tmp_path / "scatter_add.onnx",
+        make_node("ScatterElements", ["data", "idx", "upd"], ["y"], axis=1, reduction="add"),
+        [value("data", TensorProto.FLOAT, [1, 4]), value("idx", TensorProto.INT64, [1, 3]),
+         value("upd", TensorProto.FLOAT, [1, 3])],
+        [value("y", TensorProto.FLOAT, [1, 4])],
+    )
+    with pytest.raises(EngineBuildError, match="reduction") as info:
+        build_engine(EngineSpec(onnx_path, tmp_path / "s.engine"), rtx, log=lambda m: None)
+    assert len(info.value.errors) >= 1
+    _assert_nothing_written(tmp_path / "s.engine")
+
+
+def test_builder_errors_are_reported(rtx: Flavour, tmp_path: Path) -> None:
+    """TopK with K over TensorRT's limit parses but fails to build; the builder's message is kept."""
+    from onnx import TensorProto
+    from onnx.helper import make_node, make_tensor, make_tensor_value_info as value
+
+    onnx_path = _onnx_model(
+        tmp_path / "topk.onnx",
+        make_node("TopK", ["x", "k"], ["v", "i"], axis=-1),
+        [value("x", TensorProto.FLOAT, [1, 5000])],
+        [value("v", TensorProto.FLOAT, [1, 4000]), value("i", TensorProto.INT64, [1, 4000])],
+        initializers=(make_tensor("k", TensorProto.INT64, [1], [4000]),),  # a constant K
+    )
+    with pytest.raises(EngineBuildError, match="could not build") as info:
+        build_engine(EngineSpec(onnx_path, tmp_path / "t.engine"), rtx, log=lambda m: None)
+    assert any("3840" in e for e in info.value.errors)
+    _assert_nothing_written(tmp_path / "t.engine")
+
+
+@pytest.mark.parametrize(
+    ("precision", "profiles", "message"),
+    [
+        ("fp16", PROFILES, "strongly typed"),  # an fp32 ONNX cannot make an fp16 RTX engine
+        ("fp32", {"y": SEQ}, "unknown input 'y'"),
+        ("fp32", {}, "no profile"),
+        ("fp32", {"x": ((1, 4, 8), (1, 8, 8), (1, 64, 8))}, "does not fit"),
+    ],
+)
+def test_mismatches_with_the_network_raise_before_building(
+    rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path, precision: str, profiles: dict, message: str
+) -> None:
+    engine = tmp_path / "m.engine"
+    with pytest.raises(EngineBuildError, match=message):
+        build_engine(EngineSpec(toy_onnx["fp32"], engine, profiles, precision), rtx, log=lambda m: None)
+    _assert_nothing_written(engine)
+
+
+def test_unknown_compute_capability_lists_the_known_ones(
+    rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path
+) -> None:
+    spec = EngineSpec(toy_onnx["fp32"], tmp_path / "m.engine", PROFILES, compute_capabilities=("9.0",))
+    with pytest.raises(EngineBuildError, match=r"cannot target \['9.0'\].*'8.6'"):
+        build_engine(spec, rtx, log=lambda m: None)
