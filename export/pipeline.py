@@ -23,9 +23,15 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # graphs whose weights pass this use ONNX e
 
 def load_model(request: BuildRequest):
     """(model, processor, source dir) through the same loader as any checkpoint."""
+    import json
+
+    from ficoco.patch.llava import ADAPTERS
     from ficoco.presets import load, resolve_model_dir
 
     source = resolve_model_dir(request.model)
+    architectures = json.loads((source / "config.json").read_text()).get("architectures") or ["(none listed)"]
+    if architectures[0] not in ADAPTERS:
+        raise ValueError(f"unsupported architecture {architectures[0]} in {source}; export.build supports {sorted(ADAPTERS)}")
     model, processor = load(source, dtype=DTYPES[request.precision])
     return model, processor, source
 

@@ -23,7 +23,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, SimpleCompareFunc
 
 from runtime import loop
 
@@ -103,7 +103,7 @@ def compare(fn, onnx_path: Path, feeds: list[dict], output_names: list[str], tol
         metadata.add(name, value.dtype, shape)
     runners = [TorchRunner(fn, metadata, output_names), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
     results = Comparator.run(runners, data_loader=feeds)
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tolerance["atol"], rtol=0.0))
+    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tolerance["atol"], rtol=0.0))
     figures = {}
     for name in output_names:
         per_feed = [metrics(np.asarray(a[name]), np.asarray(b[name])) for a, b in zip(results[0][1], results[1][1])]

@@ -232,13 +232,15 @@ def vision_step(
     grid index of each patch token. Returns x [B, N-r, C] (CLS, then the
     preserved patches merged and in raster order) and positions [B, N-1-r].
     """
+    work = torch.promote_types(x.dtype, torch.float32)  # FiCoCo's own math in >= fp32, even in an fp16 model
+    attn = attn.to(work)
     scores = vision_redundancy(attn, params.lam)  # [B, n]
     if params.penalty:
         scores = window_penalty(scores, positions, params.grid, params.window, params.scale)
     src, dst = split_by_score(scores, r)  # [B, r], [B, m]
     alpha = merge_weights(vision_correlation(attn, src, dst), params.eps)  # [B, r, m]
-    patches = x[:, 1:]  # [B, n, C]
-    merged = compress(gather_rows(patches, src), gather_rows(patches, dst), alpha)
+    patches = x[:, 1:].to(work)  # [B, n, C]
+    merged = compress(gather_rows(patches, src), gather_rows(patches, dst), alpha).to(x.dtype)
     return torch.cat([x[:, :1], merged], dim=1), positions.gather(1, dst)
 
 
@@ -253,12 +255,14 @@ def language_step(
     int64, the row of each output token in the input (for positions).
     """
     end = start + length
+    work = torch.promote_types(x.dtype, torch.float32)  # FiCoCo's own math in >= fp32, even in an fp16 model
+    attn = attn.to(work)
     scores = language_redundancy(attn, start, length, params.beta)  # [B, n]
     src, dst = split_by_score(scores, r)
     corr = language_correlation(attn, start, length, src, dst, params.gamma)
     alpha = merge_weights(corr, params.eps)  # [B, r, m]
-    span = x[:, start:end]
-    merged = compress(gather_rows(span, src), gather_rows(span, dst), alpha)
+    span = x[:, start:end].to(work)
+    merged = compress(gather_rows(span, src), gather_rows(span, dst), alpha).to(x.dtype)
     out = torch.cat([x[:, :start], merged, x[:, end:]], dim=1)
     batch, total = x.shape[0], x.shape[1]
     before = torch.arange(start, device=x.device).expand(batch, -1)

@@ -1,0 +1,156 @@
+"""`python -m export.build` end to end on the tiny presets, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.build import main
+from runtime.manifest import check_files, read, sha256_file
+
+BUILDS = {
+    "v": ["--ratio", "0.5"],
+    "l": ["--variant", "l", "--ratio", "0.5"],
+    "vl": ["--variant", "vl", "--ratio", "0.25"],
+    "next-v": ["--model", "tiny-llava-next", "--ratio", "0.5"],
+    "next-vl": ["--model", "tiny-llava-next", "--variant", "vl", "--ratio", "0.25"],
+}
+FORBIDDEN_OPS = {"NonZero", "ScatterND", "Loop", "If", "Unique"}
+
+
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory, preset_dirs) -> dict[str, Path]:
+    """Every build of BUILDS, made once per session through the CLI (presets from the session's dirs)."""
+    root = tmp_path_factory.mktemp("builds")
+    made = {}
+    for name, args in BUILDS.items():
+        args = [a if a not in preset_dirs else str(preset_dirs[a]) for a in args]
+        if "--model" not in args:
+            args += ["--model", str(preset_dirs["tiny-llava-1.5"])]
+        assert main([*args, "--out", str(root / name), "--backend", "tensorrt-rtx"]) == 0
+        made[name] = root / name
+    return made
+
+
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_build_holds_graphs_engines_and_passing_parity(builds, name):
+    directory = builds[name]
+    manifest = read(directory)
+    check_files(directory, manifest["graphs"])
+    check_files(directory, manifest["engines"])
+    assert sorted(manifest["graphs"]) == sorted(manifest["engines"]) == ["decode", "prefill", "vision"]
+    parity = json.loads((directory / "parity.json").read_text())
+    assert parity["passed"] and parity == manifest["parity"]
+    assert parity["end_to_end"]["onnx_tokens"] == parity["end_to_end"]["torch_tokens"]
+    assert parity["graphs"]["prefill"]["outputs"]["logits"]["max_abs"] <= 1e-4
+    assert parity["graphs"]["vision"]["outputs"]["image_features"]["cosine"] >= 0.99999
+    for engine in manifest["engines"].values():
+        assert engine["parser_errors"] == 0 and engine["bytes"] > 0
+        assert engine["sha256"] == sha256_file(directory / engine["file"])
+    assert manifest["tensorrt"]["flavour"] == "tensorrt-rtx"
+    assert set(manifest["tensorrt"]["trtexec"]) == {"vision", "prefill", "decode"}
+
+
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_graphs_use_only_static_friendly_operators(builds, name):
+    for graph in ("vision", "prefill", "decode"):
+        model = onnx.load(str(builds[name] / f"{graph}.onnx"))
+        ops = {node.op_type for node in model.graph.node}
+        assert not ops & FORBIDDEN_OPS, (graph, ops & FORBIDDEN_OPS)
+        for node in model.graph.node:
+            if node.op_type.startswith("Scatter"):
+                assert all(a.name != "reduction" or a.s in (b"", b"none") for a in node.attribute), node.name
+
+
+def test_token_counts_follow_the_schedule(builds):
+    schedule = read(builds["vl"])["schedule"]
+    assert schedule["kept_per_crop"] == 288 and schedule["visual_tokens"] == 288  # sqrt(0.25) * 576
+    assert schedule["language"] == [[4, 288, 144]]
+    vision = read(builds["vl"])["graphs"]["vision"]
+    assert vision["outputs"][0]["shape"][1:] == [288, 128]
+    prefill = read(builds["vl"])["graphs"]["prefill"]
+    kv = {o["name"]: o["shape"] for o in prefill["outputs"]}
+    assert kv["present.4.key"][2] != kv["present.5.key"][2]  # shorter caches after the FiCoCo-L layer
+    next_schedule = read(builds["next-v"])["schedule"]
+    assert (next_schedule["crops"], next_schedule["grid"]) == (5, [2, 2])
+    assert next_schedule["visual_tokens"] == 288 * 5 + 2  # base + 4 crops, one newline per row of crops
+
+
+def test_verify_reruns_on_an_existing_build(builds):
+    from export.verify import main as verify_main
+
+    assert verify_main([str(builds["l"])]) == 0
+
+
+def test_from_onnx_compiles_without_torch(builds, tmp_path):
+    """The Jetson flow: engines from an existing build's ONNX, with neither torch nor transformers imported."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(builds["v"], copy)
+    for engine in copy.glob("*.engine"):
+        engine.unlink()
+    code = ("import sys; from export.build import main; rc = main(['--from-onnx', sys.argv[1], '--backend', 'tensorrt-rtx']);"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr
+    check_files(copy, read(copy)["engines"])
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/dir", "--ratio", "0.5"], "is neither a preset"),
+        (["--ratio", "1.5"], r"ratio must be in \(0, 1\], got ratio=1.5"),
+        (["--ratio", "0"], "got ratio=0"),
+        (["--tokens", "600"], "tokens=600 is more than the 576"),
+        (["--ratio", "0.5", "--backend", "tensorrt"], "ficoco-edge\\[trt\\]"),
+        (["--ratio", "0.5", "--grid", "3x3", "--model", "tiny-llava-next"], "--grid 3x3 is not one of"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, capsys, tmp_path):
+    out = tmp_path / "build"
+    code, err = run_cli([*args, "--out", str(out), "--backend", "none"] if "--backend" not in args else [*args, "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert __import__("re").search(message, err), err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, vocab_size=8)).save_pretrained(tmp_path / "llama")
+    code, err = run_cli(["--model", str(tmp_path / "llama"), "--ratio", "0.5", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "unsupported architecture LlamaForCausalLM" in err
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_build(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    code, err = run_cli(["--ratio", "0.5", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is not an export.build directory" in err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_from_onnx_rejects_missing_or_altered_graphs(builds, tmp_path, capsys):
+    import shutil
+
+    altered = tmp_path / "altered"
+    shutil.copytree(builds["v"], altered)
+    with open(altered / "decode.onnx", "ab") as handle:
+        handle.write(b"\0")
+    code, err = run_cli(["--from-onnx", str(altered), "--backend", "tensorrt-rtx"], capsys)
+    assert code == 2 and "decode.onnx" in err and "sha256" in err
+    (altered / "vision.onnx").unlink()
+    code, err = run_cli(["--from-onnx", str(altered), "--backend", "tensorrt-rtx"], capsys)
+    assert code == 2 and "vision.onnx" in err and "missing" in err

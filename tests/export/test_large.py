@@ -1,0 +1,56 @@
+"""The large-model path: graphs over 2 GB go through ONNX external data (slow; not in CI).
+
+A LLaVA-1.5 whose language model has Vicuna-7B's width (hidden 4096, MLP 11008, 32 heads,
+vocabulary 32000) cut to two decoder layers: 2.67 GB of fp32 text weights, so the prefill
+and decode graphs exceed protobuf's 2 GB limit. Run with `python -m pytest -m slow tests/export/test_large.py`.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.build import main
+from runtime.manifest import check_files, read
+
+
+def make_wide_model(tiny_dir: Path, out: Path) -> Path:
+    """Tiny preset's vision tower, tokenizer and processor; Vicuna-7B-width text model with 2 layers."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig.from_pretrained(tiny_dir)
+    config.text_config.update(dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                   num_key_value_heads=32, num_hidden_layers=2, vocab_size=32000))
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to_empty(device="cpu")
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+    model.save_pretrained(out)
+    for name in tiny_dir.iterdir():
+        if name.name not in ("config.json", "model.safetensors") and name.is_file():
+            shutil.copy2(name, out / name.name)
+    return out
+
+
+@pytest.mark.slow
+def test_vicuna_width_two_layers_exports_with_external_data(preset_dirs, tmp_path):
+    source = make_wide_model(preset_dirs["tiny-llava-1.5"], tmp_path / "wide")
+    assert sum(f.stat().st_size for f in source.glob("*.safetensors")) > 2e9
+    out = tmp_path / "build"
+    assert main(["--model", str(source), "--variant", "vl", "--ratio", "0.25", "--out", str(out), "--backend", "none"]) == 0
+    manifest = read(out)
+    check_files(out, manifest["graphs"])
+    for graph in ("prefill", "decode"):
+        external = manifest["graphs"][graph]["external_data"]
+        assert external and sum(e["bytes"] for e in external) > 2e9
+        onnx.checker.check_model(str(out / f"{graph}.onnx"))  # by path: external data allowed
+    assert manifest["parity"]["passed"]
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"peak resident memory of the test process: {peak_gb:.1f} GB")
