@@ -169,7 +169,7 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
     with progress.stage(f"patch FiCoCo-{request.variant.upper()}"):
         plan, layout = pipeline.patch(model, processor, request)
         graphs = pipeline.build_graphs(model, plan, layout)
-        sample = verify.make_sample(processor, model.config.image_token_id, "Describe the image.")
+        sample = verify.make_sample(processor, model.config.image_token_id, "Describe the image.", verify.NUMPY_DTYPES[request.precision])
         args = pipeline.example_args(graphs, sample)
     large = pipeline.is_large(model)
     entries = {}
@@ -245,7 +245,8 @@ def summary(body: dict, progress: Progress, out: Path) -> str:
         for graph, result in parity["graphs"].items():
             for output, f in result["outputs"].items():
                 if not output.startswith("present."):
-                    lines.append(f"  parity {graph}.{output:<16} max_abs {f['max_abs']:.1e}  cosine {f['cosine']:.7f}")
+                    extra = f"  kept-set overlap {f['overlap']:.3f}" if "overlap" in f else ""
+                    lines.append(f"  parity {graph}.{output:<16} max_abs {f['max_abs']:.1e}  cosine {f['cosine']:.7f}{extra}")
         lines.append(f"  parity end to end: {'identical' if parity['end_to_end']['passed'] else 'DIFFERENT'} greedy tokens ({len(parity['end_to_end']['onnx_tokens'])})")
     tf = body["flops"]
     lines.append(f"  FLOPs: prefill {tf['tflops']['prefill']:.4f} TFLOPs (unreduced {tf['unreduced_tflops']['prefill']:.4f}, "

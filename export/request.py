@@ -56,6 +56,8 @@ class BuildRequest:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 16 <= self.max_seq_len <= 131072:
             raise ValueError(f"--max-seq-len must be in [16, 131072], got {self.max_seq_len}")
+        if self.precision == "bf16" and not self.skip_verify:
+            raise ValueError("--precision bf16 cannot be verified on ONNX Runtime's CPU provider (no bf16 kernels); add --skip-verify")
         self.ficoco_config()  # validates ratio / tokens
 
     def ficoco_config(self) -> FiCoCoConfig:
