@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = "ficoco-build"
@@ -94,3 +95,119 @@ def write(directory: Path, manifest: dict) -> Path:
     path = directory / FILENAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- read side: what the runtime uses
+
+ARCHITECTURES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
+
+
+def _positive(**values: object) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BuildError(f"manifest: {key} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Build:
+    """The facts of a build the runtime relies on, checked once; `from_directory` reads them."""
+
+    directory: Path
+    manifest: dict = field(repr=False, compare=False)
+    architecture: str  # "llava" (LLaVA-1.5) | "llava_next"
+    layers: int  # decoder layers
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    image_token_id: int
+    eos_token_ids: frozenset[int]
+    crops: int  # 1, or 1 + rows * cols
+    patches_per_crop: int  # before FiCoCo-V (576 for 336 px / 14 px patches)
+    kept_per_crop: int  # after FiCoCo-V
+    grid: tuple[int, int] | None  # LLaVA-NeXT anyres (rows, cols)
+    visual_tokens: int  # into the LLM: crops * kept (+ one newline per grid row for NeXT)
+    language_steps: tuple[tuple[int, int, int], ...]  # FiCoCo-L (layer, tokens in, tokens out)
+    max_seq_len: int
+    precision: str
+
+    def __post_init__(self) -> None:
+        _positive(layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, vocab=self.vocab,
+                  crops=self.crops, patches_per_crop=self.patches_per_crop, kept_per_crop=self.kept_per_crop,
+                  visual_tokens=self.visual_tokens, max_seq_len=self.max_seq_len)
+        if self.architecture not in ARCHITECTURES.values():
+            raise BuildError(f"manifest: unknown architecture {self.architecture!r}")
+        if (self.architecture == "llava_next") != (self.grid is not None):
+            raise BuildError(f"manifest: schedule grid {self.grid} does not fit architecture {self.architecture!r}")
+        rows, cols = self.grid or (0, 0)
+        crops, visual = 1 + rows * cols, self.kept_per_crop * self.crops + rows
+        if (self.crops, self.visual_tokens) != (crops, visual):
+            raise BuildError(f"manifest: crops {self.crops} / visual_tokens {self.visual_tokens} do not follow from "
+                             f"grid {self.grid} and kept_per_crop {self.kept_per_crop} (expected {crops} / {visual})")
+        if not self.eos_token_ids:
+            raise BuildError("manifest: source.text.eos_token_ids is empty")
+        for layer, tokens_in, tokens_out in self.language_steps:
+            if not (0 <= layer < self.layers and 0 < tokens_out <= tokens_in <= self.visual_tokens):
+                raise BuildError(f"manifest: FiCoCo-L step {(layer, tokens_in, tokens_out)} is out of range")
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> Build:
+        """read() the manifest and pull out the runtime's facts; BuildError on anything missing."""
+        directory = Path(directory)
+        manifest = read(directory)
+        try:
+            text, schedule = manifest["source"]["text"], manifest["schedule"]
+            architecture = manifest["source"]["architecture"]
+            vision = schedule["vision"]
+            return cls(
+                directory=directory, manifest=manifest,
+                architecture=ARCHITECTURES.get(architecture, architecture),
+                layers=text["layers"], kv_heads=text["kv_heads"], head_dim=text["head_dim"], vocab=text["vocab"],
+                image_token_id=text["image_token_id"], eos_token_ids=frozenset(text["eos_token_ids"]),
+                crops=schedule["crops"], patches_per_crop=vision[0][1] if vision else schedule["kept_per_crop"],
+                kept_per_crop=schedule["kept_per_crop"], grid=tuple(schedule["grid"]) if schedule["grid"] else None,
+                visual_tokens=schedule["visual_tokens"],
+                language_steps=tuple(tuple(step) for step in schedule["language"]),
+                max_seq_len=manifest["max_seq_len"], precision=manifest["precision"],
+            )
+        except (KeyError, TypeError, IndexError) as error:
+            raise BuildError(f"{str(directory / FILENAME)!r} lacks or mangles {error}") from None
+
+    @property
+    def after_ficoco_l(self) -> int:
+        """Visual tokens left after the last FiCoCo-L step (visual_tokens without one)."""
+        return self.language_steps[-1][2] if self.language_steps else self.visual_tokens
+
+    def cache_lengths(self, prompt_length: int) -> tuple[int, ...]:
+        """Layer i's cache length after the prefill: layers after a FiCoCo-L step keep only its survivors."""
+        return tuple(
+            prompt_length - sum(t_in - t_out for layer, t_in, t_out in self.language_steps if layer < index)
+            for index in range(self.layers)
+        )
+
+    @property
+    def engines(self) -> dict:
+        """The manifest's TensorRT engine entries ({} when the build has none)."""
+        return self.manifest.get("engines") or {}
+
+    @property
+    def tensorrt_flavour(self) -> str | None:
+        """"tensorrt" or "tensorrt-rtx": the flavour the engines were built with (None without engines)."""
+        section = self.manifest.get("tensorrt") or {}
+        return section.get("flavour") if self.engines else None
+
+    def path(self, kind: str, graph: str) -> Path:
+        """The file of graph `graph` in `kind` ("graphs": ONNX, "engines": TensorRT)."""
+        entries = self.manifest.get(kind) or {}
+        if graph not in entries:
+            raise BuildError(f"{str(self.directory)!r} has no {graph} in its manifest's {kind!r}")
+        return self.directory / entries[graph]["file"]
+
+    def check(self, kind: str) -> None:
+        """sha256 of the files of `kind` ("graphs", "engines" or "tokenizer") against the manifest."""
+        if kind == "tokenizer":
+            entries = {item["file"]: item for item in (self.manifest.get("tokenizer") or {}).get("files", [])}
+        else:
+            entries = self.manifest.get(kind) or {}
+        if not entries:
+            raise BuildError(f"{str(self.directory)!r} lists no {kind} in its manifest")
+        check_files(self.directory, entries)

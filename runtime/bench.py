@@ -1,0 +1,42 @@
+"""Timing helpers for benchmark scripts (no assertions on time anywhere in the tests).
+
+    from runtime import Pipeline, bench
+    pipe = Pipeline.from_build("builds/NAME")
+    bench.decode_step_ms(pipe, (300, 1024, 2047))   # {cache length: median ms of one decode step}
+
+A decode step's cost grows with the cache: the decode graph reads every layer's past and returns
+past + new as a fresh tensor (see runtime/backend_ort.py). The caches are zero-filled tensors of the
+requested lengths, shaped as after a prefill of that length: layers after a FiCoCo-L step are
+shorter by what the step removed (`Build.cache_lengths`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable
+from typing import Any
+
+
+def decode_step_ms(pipeline: Any, lengths: Iterable[int], repeats: int = 20, warmup: int = 3) -> dict[int, float]:
+    """{L: median milliseconds of one decode step with layer 0's cache at length L} (one step per repeat).
+
+    L counts positions in the original numbering (layer 0's cache, P + tokens generated so far);
+    each must leave room for one more token below the build's max_seq_len.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    build, backend, out = pipeline.build, pipeline.backend, {}
+    removed = build.visual_tokens - build.after_ficoco_l  # what FiCoCo-L takes from the later layers
+    for length in lengths:
+        if not removed < length < build.max_seq_len:
+            raise ValueError(f"cache length {length} must be in ({removed}, {build.max_seq_len}) for this build")
+        cache = backend.empty_cache(build.cache_lengths(length))
+        times = []
+        for index in range(warmup + repeats):
+            start = time.perf_counter()
+            backend.decode(1, length, cache)  # same input cache each time: one step at this length
+            if index >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+        out[int(length)] = statistics.median(times)
+    return out
