@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from runtime import manifest as manifest_io
 
-from . import names
+from runtime import names
 from .request import BACKENDS, PRECISIONS, VARIANTS, BuildRequest, parse_capability, parse_grid
 
 
@@ -128,15 +129,18 @@ def engine_profiles(graph_entry: dict, max_seq_len: int, opt: dict[str, int]) ->
     return profiles
 
 
-def build_engines(directory: Path, graphs: dict, request: BuildRequest, flavour, progress: Progress) -> tuple[dict, dict]:
-    """Compile every ONNX graph of `directory`; returns (engines entries, tensorrt section)."""
+def build_engines(directory: Path, body: dict, request: BuildRequest, flavour, progress: Progress) -> tuple[dict, dict]:
+    """Compile every ONNX graph of the build in `directory`; returns (engines entries, tensorrt section)."""
     from .engine import EngineSpec, build_engine
 
+    graphs, visual_tokens, layers = body["graphs"], body["schedule"]["visual_tokens"], body["source"]["text"]["layers"]
     engines, commands = {}, {}
+    # optimum shapes: a typical chat prompt, and caches about as long as the prompt with its visual tokens
+    opt = {"text_before": 8, "text_after": 32, **{f"past_{i}": visual_tokens + 64 for i in range(layers)}}
     for graph in names.GRAPHS:
         spec = EngineSpec(
             onnx_path=directory / graphs[graph]["file"], engine_path=directory / f"{graph}.engine",
-            profiles=engine_profiles(graphs[graph], request.max_seq_len, {"text_before": 8, "text_after": 32}),
+            profiles=engine_profiles(graphs[graph], request.max_seq_len, opt),
             precision=request.precision, compute_capabilities=request.compute_capabilities,
         )
         with progress.stage(f"engine {graph} ({flavour.name})"):
@@ -191,16 +195,16 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
                      "image_token_id": model.config.image_token_id, "eos_token_ids": sorted(verify.eos_ids(model))},
         },
         "variant": request.variant,
-        "ficoco": {k: v for k, v in vars(request.ficoco_config()).items()},
+        "ficoco": dataclasses.asdict(request.ficoco_config()),
         "schedule": {
             "vision": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.vision],
             "language": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.language_steps(layout.visual_tokens)],
-            "kept_per_crop": layout.kept_per_crop, "crops": layout.crops,
+            "patches_per_crop": plan.geometry.patches, "kept_per_crop": layout.kept_per_crop, "crops": layout.crops,
             "grid": list(layout.grid) if layout.grid else None, "visual_tokens": layout.visual_tokens,
         },
         "precision": request.precision, "max_seq_len": request.max_seq_len,
         "graphs": entries,
-        "preprocess": {"architecture": type(model).__name__, **processor.image_processor.to_dict()},
+        "preprocess": processor.image_processor.to_dict(),
         "tokenizer": {**pipeline.copy_tokenizer(source, tmp), "image_token": processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id)},
         "flops": pipeline.flops_estimate(model, plan, layout),
         "parity": parity,
@@ -233,7 +237,7 @@ def reload_for_verify(manifest: dict):
 def summary(body: dict, progress: Progress, out: Path) -> str:
     schedule, lines = body["schedule"], []
     lines.append(f"\nbuild: {out}")
-    lines.append(f"  visual tokens: {schedule['crops']} crop(s) x 576 -> {schedule['kept_per_crop']} per crop (FiCoCo-V), "
+    lines.append(f"  visual tokens: {schedule['crops']} crop(s) x {schedule['patches_per_crop']} -> {schedule['kept_per_crop']} per crop (FiCoCo-V), "
                  f"{schedule['visual_tokens']} into the LLM" + (f", {schedule['language'][-1][2]} after layer {schedule['language'][-1][0]} (FiCoCo-L)" if schedule["language"] else ""))
     lines.append(f"  {'file':<22}{'MB':>10}")
     for kind in ("graphs", "engines"):
@@ -265,7 +269,7 @@ def run_build(request: BuildRequest) -> int:
     progress = Progress(6 + (3 if flavour else 0), log)
     try:
         body = export_and_verify(request, tmp, progress)
-        body["engines"], body["tensorrt"] = build_engines(tmp, body["graphs"], request, flavour, progress) if flavour else ({}, None)
+        body["engines"], body["tensorrt"] = build_engines(tmp, body, request, flavour, progress) if flavour else ({}, None)
         body["libraries"] = library_versions()
         manifest_io.write(tmp, body)
         (tmp / "build.log").write_text(log.getvalue())
@@ -285,7 +289,7 @@ def run_from_onnx(directory: Path, request: BuildRequest) -> int:
         raise ValueError("--from-onnx needs a TensorRT backend: --backend tensorrt or tensorrt-rtx")
     request = BuildRequest(**{**vars(request), "precision": body["precision"], "max_seq_len": body["max_seq_len"]})
     progress = Progress(3, io.StringIO())
-    body["engines"], body["tensorrt"] = build_engines(directory, body["graphs"], request, flavour, progress)
+    body["engines"], body["tensorrt"] = build_engines(directory, body, request, flavour, progress)
     for key in ("schema", "schema_version"):
         body.pop(key)
     manifest_io.write(directory, body)

@@ -3,7 +3,7 @@
 Each wrapper reuses the adapter code of `ficoco.patch` (the same functions the
 patched Hugging Face model runs), so the graphs are FiCoCo exactly as PyTorch
 runs it, with the schedule baked in as constants. I/O names and shapes:
-`export.names`.
+`runtime.names`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ficoco.patch import llama
 from ficoco.patch.llava import Plan, encode_crops, layout_crops
 
-from . import names
+from runtime import names
 
 
 class GraphCache:
@@ -112,7 +112,7 @@ class DecodeGraph(nn.Module):
 
 
 def export_onnx(module: nn.Module, args: tuple, path: Path, graph: str, layers: int, dynamic_shapes, large: bool) -> Path:
-    """torch.onnx.export (dynamo) with the stable names of `export.names`; external data when `large`."""
+    """torch.onnx.export (dynamo) with the stable names of `runtime.names`; external data when `large`."""
     inputs, outputs = names.io_names(graph, layers)
     program = torch.onnx.export(
         module, args, dynamo=True, input_names=inputs, output_names=outputs,

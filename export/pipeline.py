@@ -13,7 +13,7 @@ from ficoco import flops as flops_model
 from ficoco.patch.llava import Plan
 from runtime.manifest import file_entry
 
-from . import names
+from runtime import names
 from .graphs import GraphSet, Layout, export_onnx, graph_set
 from .request import BuildRequest
 
@@ -36,6 +36,26 @@ def load_model(request: BuildRequest):
     return model, processor, source
 
 
+class Fp32LayerNorm(torch.nn.LayerNorm):
+    """LayerNorm computed in fp32 inside a half-precision graph (TensorRT-RTX takes types from the ONNX)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def keep_norms_fp32(model) -> int:
+    """Make every LayerNorm of a half-precision model compute in fp32 (Llama's RMSNorm and the
+    attention softmax already do); returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.LayerNorm and module.weight is not None and module.weight.dtype != torch.float32:
+            module.__class__ = Fp32LayerNorm
+            changed += 1
+    return changed
+
+
 def fix_grid(model, processor, grid: tuple[int, int]) -> None:
     """LLaVA-NeXT: pin the anyres grid so every FiCoCo size is static (model and processor agree)."""
     side = model.config.vision_config.image_size
@@ -55,6 +75,8 @@ def patch(model, processor, request: BuildRequest) -> tuple[Plan, Layout]:
         fix_grid(model, processor, request.grid)
     elif request.grid != (2, 2) and request.grid_given:
         raise ValueError(f"--grid applies to LLaVA-NeXT only; {type(model).__name__} has one crop per image")
+    if request.precision != "fp32":
+        keep_norms_fp32(model)
     config: FiCoCoConfig = request.ficoco_config()
     apply(model, config)
     plan = model.ficoco_plan
@@ -128,7 +150,7 @@ def flops_estimate(model, plan: Plan, layout: Layout, text_tokens: int = 60) -> 
     unreduced_visual = layout.crops * geometry.patches + (layout.grid[0] if layout.grid else 0)
     language = {s.layer: s.tokens_out for s in plan.language_steps(visual)}
     reduced = {
-        "vision": flops_model.vision_flops(vision, layout.crops, geometry.patches, plan.config and {s.layer: s.tokens_out for s in plan.vision}, geometry.feature_layer),
+        "vision": flops_model.vision_flops(vision, layout.crops, geometry.patches, {s.layer: s.tokens_out for s in plan.vision}, geometry.feature_layer),
         "prefill": flops_model.prefill_flops(text, text_tokens, visual, language),
     }
     full = {

@@ -27,7 +27,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 
 from runtime import loop
 
-from . import names
+from runtime import names
 
 # fp32 thresholds of the issue; other precisions are reported against looser ones.
 TOLERANCES = {  # kept: fraction of kept patch positions both sides agree on

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from export import names
+from runtime import names
 
 from .backend import HINTS, BackendError, BackendNotInstalledError
 from .manifest import Build, BuildError

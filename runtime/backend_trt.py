@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from export import names
+from runtime import names
 
 from .backend import HINTS, TRT_MODULES, BackendError, BackendNotInstalledError, cuda_devices
 from .backend_ort import from_bf16_bits, to_bf16_bits

@@ -8,14 +8,14 @@ No torch, no transformers: this module runs on the device. Schema (version 1):
                                    image_token_id, eos_token_ids}}
     variant, ficoco               the FiCoCo variant ("none" for an unreduced build) and its settings
     schedule                      {vision: [[layer, in, out], ...] per crop, language: [...],
-                                   kept_per_crop, crops, grid, visual_tokens}
+                                   patches_per_crop, kept_per_crop, crops, grid, visual_tokens}
     precision, max_seq_len
     graphs                        {vision|prefill|decode: {file, sha256, bytes, external_data: [{file, sha256}],
                                    inputs: [{name, shape, dtype}], outputs: [...]}}
     engines                       same keys, engine files (empty when no TensorRT build)
     tensorrt                      {flavour, version, compute_capabilities, trtexec: {graph: command}} or null
     preprocess                    the Hugging Face image-processor settings (dict)
-    tokenizer                     {files: [...], chat_template, image_token}
+    tokenizer                     {files: [{file, sha256, bytes}] (tokenizer.json, chat_template.jinja, ...), image_token}
     libraries, flops, parity      versions; FLOPs estimate; verification figures
 """
 
@@ -157,13 +157,12 @@ class Build:
         try:
             text, schedule = manifest["source"]["text"], manifest["schedule"]
             architecture = manifest["source"]["architecture"]
-            vision = schedule["vision"]
             return cls(
                 directory=directory, manifest=manifest,
                 architecture=ARCHITECTURES.get(architecture, architecture),
                 layers=text["layers"], kv_heads=text["kv_heads"], head_dim=text["head_dim"], vocab=text["vocab"],
                 image_token_id=text["image_token_id"], eos_token_ids=frozenset(text["eos_token_ids"]),
-                crops=schedule["crops"], patches_per_crop=vision[0][1] if vision else schedule["kept_per_crop"],
+                crops=schedule["crops"], patches_per_crop=schedule["patches_per_crop"],
                 kept_per_crop=schedule["kept_per_crop"], grid=tuple(schedule["grid"]) if schedule["grid"] else None,
                 visual_tokens=schedule["visual_tokens"],
                 language_steps=tuple(tuple(step) for step in schedule["language"]),

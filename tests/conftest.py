@@ -42,3 +42,46 @@ def tiny(preset_dirs):
     from ficoco.presets import load
 
     return {name: load(path) for name, path in preset_dirs.items()}
+
+
+# name -> (preset, variant, ratio): the builds that the export and runtime tests share, each made once
+# per session on first use (about a minute each on 2 cores), with TensorRT-RTX engines when the `rtx`
+# extra is installed (CI installs it through the `test` extra).
+BUILDS = {
+    "1.5-v": ("tiny-llava-1.5", "v", 0.5),
+    "1.5-l": ("tiny-llava-1.5", "l", 0.5),
+    "1.5-vl": ("tiny-llava-1.5", "vl", 0.25),
+    "next-v": ("tiny-llava-next", "v", 0.5),
+    "next-vl": ("tiny-llava-next", "vl", 0.25),
+}
+
+
+def rtx_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_rtx_bindings") is not None
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory, preset_dirs):
+    """build_dir(name) -> the directory of BUILDS[name], made through `python -m export.build` on first use."""
+    import contextlib
+    import io
+
+    from export.build import main
+
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            preset, variant, ratio = BUILDS[name]
+            out = tmp_path_factory.mktemp("builds") / name
+            args = ["--model", str(preset_dirs[preset]), "--variant", variant, "--ratio", str(ratio),
+                    "--backend", "tensorrt-rtx" if rtx_installed() else "none", "--out", str(out)]
+            with contextlib.redirect_stdout(io.StringIO()) as log:
+                code = main(args)
+            assert code == 0, f"export.build {' '.join(args)} failed:\n{log.getvalue()[-3000:]}"
+            made[name] = out
+        return made[name]
+
+    return get

@@ -12,34 +12,18 @@ import pytest
 
 from export.build import main
 from runtime.manifest import check_files, read, sha256_file
+from tests.conftest import BUILDS, rtx_installed
 
-BUILDS = {
-    "v": ["--ratio", "0.5"],
-    "l": ["--variant", "l", "--ratio", "0.5"],
-    "vl": ["--variant", "vl", "--ratio", "0.25"],
-    "next-v": ["--model", "tiny-llava-next", "--ratio", "0.5"],
-    "next-vl": ["--model", "tiny-llava-next", "--variant", "vl", "--ratio", "0.25"],
-}
 FORBIDDEN_OPS = {"NonZero", "ScatterND", "Loop", "If", "Unique"}
 
 
-@pytest.fixture(scope="session")
-def builds(tmp_path_factory, preset_dirs) -> dict[str, Path]:
-    """Every build of BUILDS, made once per session through the CLI (presets from the session's dirs)."""
-    root = tmp_path_factory.mktemp("builds")
-    made = {}
-    for name, args in BUILDS.items():
-        args = [a if a not in preset_dirs else str(preset_dirs[a]) for a in args]
-        if "--model" not in args:
-            args += ["--model", str(preset_dirs["tiny-llava-1.5"])]
-        assert main([*args, "--out", str(root / name), "--backend", "tensorrt-rtx"]) == 0
-        made[name] = root / name
-    return made
+requires_rtx = pytest.mark.skipif(not rtx_installed(), reason="TensorRT-RTX is not installed: pip install 'ficoco-edge[rtx]'")
 
 
+@requires_rtx
 @pytest.mark.parametrize("name", list(BUILDS))
-def test_build_holds_graphs_engines_and_passing_parity(builds, name):
-    directory = builds[name]
+def test_build_holds_graphs_engines_and_passing_parity(build_dir, name):
+    directory = build_dir(name)
     manifest = read(directory)
     check_files(directory, manifest["graphs"])
     check_files(directory, manifest["engines"])
@@ -57,9 +41,9 @@ def test_build_holds_graphs_engines_and_passing_parity(builds, name):
 
 
 @pytest.mark.parametrize("name", list(BUILDS))
-def test_graphs_use_only_static_friendly_operators(builds, name):
+def test_graphs_use_only_static_friendly_operators(build_dir, name):
     for graph in ("vision", "prefill", "decode"):
-        model = onnx.load(str(builds[name] / f"{graph}.onnx"))
+        model = onnx.load(str(build_dir(name) / f"{graph}.onnx"))
         ops = {node.op_type for node in model.graph.node}
         assert not ops & FORBIDDEN_OPS, (graph, ops & FORBIDDEN_OPS)
         for node in model.graph.node:
@@ -67,32 +51,33 @@ def test_graphs_use_only_static_friendly_operators(builds, name):
                 assert all(a.name != "reduction" or a.s in (b"", b"none") for a in node.attribute), node.name
 
 
-def test_token_counts_follow_the_schedule(builds):
-    schedule = read(builds["vl"])["schedule"]
+def test_token_counts_follow_the_schedule(build_dir):
+    schedule = read(build_dir("1.5-vl"))["schedule"]
     assert schedule["kept_per_crop"] == 288 and schedule["visual_tokens"] == 288  # sqrt(0.25) * 576
     assert schedule["language"] == [[4, 288, 144]]
-    vision = read(builds["vl"])["graphs"]["vision"]
+    vision = read(build_dir("1.5-vl"))["graphs"]["vision"]
     assert vision["outputs"][0]["shape"][1:] == [288, 128]
-    prefill = read(builds["vl"])["graphs"]["prefill"]
+    prefill = read(build_dir("1.5-vl"))["graphs"]["prefill"]
     kv = {o["name"]: o["shape"] for o in prefill["outputs"]}
     assert kv["present.4.key"][2] != kv["present.5.key"][2]  # shorter caches after the FiCoCo-L layer
-    next_schedule = read(builds["next-v"])["schedule"]
+    next_schedule = read(build_dir("next-v"))["schedule"]
     assert (next_schedule["crops"], next_schedule["grid"]) == (5, [2, 2])
     assert next_schedule["visual_tokens"] == 288 * 5 + 2  # base + 4 crops, one newline per row of crops
 
 
-def test_verify_reruns_on_an_existing_build(builds):
+def test_verify_reruns_on_an_existing_build(build_dir):
     from export.verify import main as verify_main
 
-    assert verify_main([str(builds["l"])]) == 0
+    assert verify_main([str(build_dir("1.5-l"))]) == 0
 
 
-def test_from_onnx_compiles_without_torch(builds, tmp_path):
+@requires_rtx
+def test_from_onnx_compiles_without_torch(build_dir, tmp_path):
     """The Jetson flow: engines from an existing build's ONNX, with neither torch nor transformers imported."""
     import shutil
 
     copy = tmp_path / "copy"
-    shutil.copytree(builds["v"], copy)
+    shutil.copytree(build_dir("1.5-v"), copy)
     for engine in copy.glob("*.engine"):
         engine.unlink()
     code = ("import sys; from export.build import main; rc = main(['--from-onnx', sys.argv[1], '--backend', 'tensorrt-rtx']);"
@@ -142,11 +127,12 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_build(tmp_path, capsys):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_from_onnx_rejects_missing_or_altered_graphs(builds, tmp_path, capsys):
+@requires_rtx
+def test_from_onnx_rejects_missing_or_altered_graphs(build_dir, tmp_path, capsys):
     import shutil
 
     altered = tmp_path / "altered"
-    shutil.copytree(builds["v"], altered)
+    shutil.copytree(build_dir("1.5-v"), altered)
     with open(altered / "decode.onnx", "ab") as handle:
         handle.write(b"\0")
     code, err = run_cli(["--from-onnx", str(altered), "--backend", "tensorrt-rtx"], capsys)

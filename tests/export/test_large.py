@@ -26,12 +26,20 @@ def make_wide_model(tiny_dir: Path, out: Path) -> Path:
     config = LlavaConfig.from_pretrained(tiny_dir)
     config.text_config.update(dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                                    num_key_value_heads=32, num_hidden_layers=2, vocab_size=32000))
-    torch.manual_seed(0)
+    tiny = LlavaForConditionalGeneration.from_pretrained(tiny_dir)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     model = model.to_empty(device="cpu")
-    for param in model.parameters():
-        torch.nn.init.normal_(param, std=0.02)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # wide parts: norms 1, biases 0, weights N(0, 0.02)
+            if "norm" in name:
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    model.model.vision_tower.load_state_dict(tiny.model.vision_tower.state_dict())  # the preset's CLIP tower
     model.save_pretrained(out)
     for name in tiny_dir.iterdir():
         if name.name not in ("config.json", "model.safetensors") and name.is_file():
@@ -44,7 +52,7 @@ def test_vicuna_width_two_layers_exports_with_external_data(preset_dirs, tmp_pat
     source = make_wide_model(preset_dirs["tiny-llava-1.5"], tmp_path / "wide")
     assert sum(f.stat().st_size for f in source.glob("*.safetensors")) > 2e9
     out = tmp_path / "build"
-    assert main(["--model", str(source), "--variant", "vl", "--ratio", "0.25", "--out", str(out), "--backend", "none"]) == 0
+    assert main(["--model", str(source), "--variant", "v", "--ratio", "0.25", "--out", str(out), "--backend", "none"]) == 0
     manifest = read(out)
     check_files(out, manifest["graphs"])
     for graph in ("prefill", "decode"):

@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-# name -> (preset, variant, ratio). Each build takes about a minute on 2 CPU cores, so there are
-# four: LLaVA-1.5 with every variant, LLaVA-NeXT with the combined one.
-BUILDS = {
-    "1.5-v": ("tiny-llava-1.5", "v", 0.5),
-    "1.5-l": ("tiny-llava-1.5", "l", 0.5),
-    "1.5-vl": ("tiny-llava-1.5", "vl", 0.25),
-    "next-vl": ("tiny-llava-next", "vl", 0.25),
-}
 PHOTOS = ("astronaut", "coffee")
-
-
-@pytest.fixture(scope="session")
-def build_dir(tmp_path_factory: pytest.TempPathFactory, preset_dirs: dict[str, Path]) -> Callable[[str], Path]:
-    """build_dir(name) -> the directory of BUILDS[name], made by export.build on first use (backend none)."""
-    from export.build import main
-
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            preset, variant, ratio = BUILDS[name]
-            out = tmp_path_factory.mktemp("builds") / name
-            args = ["--model", str(preset_dirs[preset]), "--variant", variant, "--ratio", str(ratio),
-                    "--backend", "none", "--out", str(out)]
-            with contextlib.redirect_stdout(io.StringIO()) as log:
-                code = main(args)
-            assert code == 0, f"export.build {' '.join(args)} failed:\n{log.getvalue()[-3000:]}"
-            made[name] = out
-        return made[name]
-
-    return get
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ from PIL import Image
 from runtime.pipeline import Pipeline
 from runtime.prompt import ChatTokenizer
 
-from .conftest import BUILDS, PHOTOS
+from tests.conftest import BUILDS
+
+from .conftest import PHOTOS
 
 NEW_TOKENS = 24
 INSTRUCTIONS = ("Describe the image.", "What is the colour of the sky in this picture, and why? ¿Qué es? 日本")

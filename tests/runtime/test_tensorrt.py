@@ -25,6 +25,16 @@ from .conftest import PHOTOS
 from .fake_tensorrt import FakeCuda, fake_trt_module
 
 
+def without_engines(build: Path, tmp_path: Path) -> Path:
+    """A copy of `build` with no engines (what `--backend none` writes)."""
+    copy = tmp_path / "plain"
+    shutil.copytree(build, copy, ignore=shutil.ignore_patterns("*.engine"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["engines"], manifest["tensorrt"] = {}, None
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
 def with_engines(build: Path, tmp_path: Path, flavour: str = "tensorrt") -> Path:
     """A copy of `build` whose manifest lists its ONNX graphs as "engines" (what the fake loads)."""
     copy = tmp_path / "with-engines"
@@ -88,7 +98,8 @@ def test_cache_sets_alternate_and_capacity_is_checked(fake, build_dir, tmp_path:
 def test_auto_prefers_tensorrt_only_when_everything_is_there(build_dir, tmp_path: Path, monkeypatch) -> None:
     from runtime.manifest import Build
 
-    plain, engines = Build.from_directory(build_dir("1.5-vl")), Build.from_directory(with_engines(build_dir("1.5-vl"), tmp_path))
+    plain = Build.from_directory(without_engines(build_dir("1.5-vl"), tmp_path))
+    engines = Build.from_directory(with_engines(build_dir("1.5-vl"), tmp_path))
     monkeypatch.setattr(backend_module, "has_module", lambda name: True)
     monkeypatch.setattr(backend_module, "cuda_devices", lambda: 1)
     assert backend_module.resolve("auto", engines) == "tensorrt"
