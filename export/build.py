@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--ratio", type=float, help="fraction of visual tokens kept, in (0, 1]")
     amount.add_argument("--tokens", type=int, help="visual tokens kept per image")
+    amount.add_argument("--tflops", type=float, help="LLM prefill budget in TFLOPs (scripts/flops.py convention)")
     p.add_argument("--out", type=Path, help="build directory (default: builds/MODEL-VARIANT-rRATIO-PRECISION)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="TensorRT flavour for the engines")
@@ -78,7 +79,7 @@ def make_request(args: argparse.Namespace) -> BuildRequest:
     capabilities = tuple(parse_capability(c) for c in args.compute_capability) if args.compute_capability else None
     extra = {"compute_capabilities": capabilities} if capabilities else {}
     return BuildRequest(
-        model=args.model, variant=args.variant, ratio=args.ratio, tokens=args.tokens, out=args.out,
+        model=args.model, variant=args.variant, ratio=args.ratio, tokens=args.tokens, tflops=args.tflops, out=args.out,
         precision=args.precision, backend=args.backend, max_seq_len=args.max_seq_len, skip_verify=args.skip_verify,
         grid=parse_grid(args.grid) if args.grid else (2, 2), grid_given=args.grid is not None, **extra,
     )
@@ -195,7 +196,7 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
                      "image_token_id": model.config.image_token_id, "eos_token_ids": sorted(verify.eos_ids(model))},
         },
         "variant": request.variant,
-        "ficoco": dataclasses.asdict(request.ficoco_config()),
+        "ficoco": {**dataclasses.asdict(plan.config), "tflops_budget": request.tflops},
         "schedule": {
             "vision": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.vision],
             "language": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.language_steps(layout.visual_tokens)],
@@ -303,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.from_onnx is not None:
-            return run_from_onnx(args.from_onnx, make_request(argparse.Namespace(**{**vars(args), "variant": "none", "ratio": None, "tokens": None})))
-        if args.variant != "none" and args.ratio is None and args.tokens is None:
-            raise ValueError("give --ratio R or --tokens N (or --variant none)")
+            return run_from_onnx(args.from_onnx, make_request(argparse.Namespace(**{**vars(args), "variant": "none", "ratio": None, "tokens": None, "tflops": None})))
+        if args.variant != "none" and args.ratio is None and args.tokens is None and args.tflops is None:
+            raise ValueError("give --ratio R, --tokens N or --tflops B (or --variant none)")
         return run_build(make_request(args))
     except (ValueError, manifest_io.BuildError) as error:
         print(f"error: {error}", file=sys.stderr)

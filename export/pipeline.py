@@ -68,6 +68,20 @@ def fix_grid(model, processor, grid: tuple[int, int]) -> None:
     processor.image_processor.image_grid_pinpoints = [list(pinpoint)]
 
 
+def resolve_budget(model, request: BuildRequest) -> BuildRequest:
+    """--tflops B -> the most visual tokens per crop whose prefill fits B (ficoco.flops convention)."""
+    from dataclasses import replace
+
+    from ficoco.flops import tokens_for_budget
+
+    if request.tflops is None:
+        return request
+    grid = request.grid if type(model).__name__ == "LlavaNextForConditionalGeneration" else None
+    tokens = tokens_for_budget(model.config.to_dict(), request.tflops, request.variant, grid=grid)
+    print(f"--tflops {request.tflops:g}: {tokens} visual tokens per crop", flush=True)
+    return replace(request, tokens=tokens, tflops=None)
+
+
 def patch(model, processor, request: BuildRequest) -> tuple[Plan, Layout]:
     """Apply FiCoCo (crop layout, static) and work out the visual-token layout."""
     next_model = type(model).__name__ == "LlavaNextForConditionalGeneration"
@@ -75,6 +89,7 @@ def patch(model, processor, request: BuildRequest) -> tuple[Plan, Layout]:
         fix_grid(model, processor, request.grid)
     elif request.grid != (2, 2) and request.grid_given:
         raise ValueError(f"--grid applies to LLaVA-NeXT only; {type(model).__name__} has one crop per image")
+    request = resolve_budget(model, request)
     if request.precision != "fp32":
         keep_norms_fp32(model)
     config: FiCoCoConfig = request.ficoco_config()

@@ -34,6 +34,7 @@ class BuildRequest:
     variant: str = "v"
     ratio: float | None = None
     tokens: int | None = None
+    tflops: float | None = None  # a prefill budget; resolved to `tokens` once the model is loaded
     out: Path | None = None
     precision: str = "fp32"
     backend: str = "auto"
@@ -48,8 +49,10 @@ class BuildRequest:
             raise ValueError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant == "none" and (self.ratio not in (None, 1.0) or self.tokens is not None):
             raise ValueError(f"--variant none keeps every token; drop --ratio {self.ratio} / --tokens {self.tokens}")
-        if self.variant != "none" and (self.ratio is None) == (self.tokens is None):
-            raise ValueError("give exactly one of --ratio and --tokens")
+        if self.variant != "none" and sum(x is not None for x in (self.ratio, self.tokens, self.tflops)) != 1:
+            raise ValueError("give exactly one of --ratio, --tokens and --tflops")
+        if self.tflops is not None and self.tflops <= 0:
+            raise ValueError(f"--tflops must be > 0, got {self.tflops}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backend not in BACKENDS:
@@ -58,7 +61,8 @@ class BuildRequest:
             raise ValueError(f"--max-seq-len must be in [16, 131072], got {self.max_seq_len}")
         if self.precision == "bf16" and not self.skip_verify:
             raise ValueError("--precision bf16 cannot be verified on ONNX Runtime's CPU provider (no bf16 kernels); add --skip-verify")
-        self.ficoco_config()  # validates ratio / tokens
+        if self.tflops is None:
+            self.ficoco_config()  # validates ratio / tokens
 
     def ficoco_config(self) -> FiCoCoConfig:
         """The FiCoCo setting; `none` is ratio 1 (an empty schedule) with the same static layout."""
@@ -68,7 +72,8 @@ class BuildRequest:
 
     def default_out(self) -> Path:
         name = Path(self.model).name if Path(self.model).exists() else self.model
-        amount = "" if self.variant == "none" else (f"-r{self.ratio:g}" if self.ratio is not None else f"-t{self.tokens}")
+        amount = ("" if self.variant == "none" else f"-r{self.ratio:g}" if self.ratio is not None
+                  else f"-t{self.tokens}" if self.tokens is not None else f"-{self.tflops:g}tflops")
         return Path("builds") / f"{name}-{self.variant}{amount}-{self.precision}"
 
     @property

@@ -5,11 +5,19 @@ every linear layer, plus the attention products Q K^T and A V over the full
 (not causally halved) T x T matrix; norms, softmax, activations and the LM head
 are left out, as is FiCoCo's own (small) work. With 576 visual and about 60 text
 tokens this gives LLaVA-1.5-7B's prefill as 8.45 TFLOPs (paper: 8.5).
+
+`count` and `tokens_for_budget` work on a whole model from its config dict
+(Hugging Face's config.json format); `scripts/flops.py` is their command line.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .config import FiCoCoConfig, ModelGeometry, Schedule, build_schedule
+
+TEXT_TOKENS = 60  # the paper's "about 60" text tokens of a prompt
+VARIANTS = ("v", "l", "vl")
 
 
 @dataclass(frozen=True)
@@ -68,3 +76,100 @@ def vision_flops(vision: Transformer, crops: int, patches: int, vision_steps: di
     """Encoder up to the feature layer for all crops; `vision_steps` {layer: patch tokens after it}."""
     steps = {layer: kept + 1 for layer, kept in vision_steps.items()}  # + CLS
     return crops * vision.stack_flops(patches + 1, steps, stop=feature_layer + 1)
+
+
+# --------------------------------------------------------------------------- whole models, from a config dict
+# A LLaVA config in Hugging Face's config.json format (text_config / vision_config dicts with
+# every width filled in). LLaVA-NeXT counts `crops x P` visual tokens: the anyres grid with
+# most crops plus the base crop, without the image_newline tokens (2880 for llava-v1.6).
+
+
+def config_geometry(config: dict) -> ModelGeometry:
+    """ModelGeometry from a config dict (as `ficoco.patch.llava.geometry_of` does from a loaded model)."""
+    vision, text = config["vision_config"], config["text_config"]
+    feature = config.get("vision_feature_layer", -2)
+    if not isinstance(feature, int):  # as ficoco.patch.llava: bad input is a ValueError naming it
+        raise ValueError(f"vision_feature_layer={feature} (several layers) is not supported by FiCoCo")  # noqa: TRY004
+    layers = vision["num_hidden_layers"]
+    hidden_index = feature if feature >= 0 else layers + 1 + feature
+    side = vision["image_size"] // vision["patch_size"]
+    return ModelGeometry((side, side), layers, hidden_index - 1, text["num_hidden_layers"])
+
+
+def anyres_grid(config: dict, grid: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """LLaVA-NeXT: the anyres grid counted (default: the one with most crops); None for LLaVA-1.5."""
+    pinpoints = config.get("image_grid_pinpoints") if config.get("model_type") == "llava_next" else None
+    if not pinpoints:
+        if grid is not None:
+            raise ValueError("an anyres grid applies to LLaVA-NeXT configs only")
+        return None
+    side = config["vision_config"]["image_size"]
+    grids = sorted({(h // side, w // side) for h, w in pinpoints})
+    if grid is not None and tuple(grid) not in grids:
+        raise ValueError(f"grid {grid[0]}x{grid[1]} is not one of {', '.join(f'{r}x{c}' for r, c in grids)}")
+    return tuple(grid) if grid is not None else max(grids, key=lambda g: (g[0] * g[1], g))
+
+
+@dataclass(frozen=True)
+class Count:
+    """FLOPs of one setting: `tokens` per crop kept after the last step (P when unreduced)."""
+
+    variant: str  # "none", "v", "l" or "vl"
+    tokens: int
+    crops: int
+    visual_tokens: int  # into the LLM
+    schedule: Schedule
+    vision: float
+    prefill: float
+
+    @property
+    def total(self) -> float:
+        return self.vision + self.prefill
+
+
+def count(config: dict, variant: str = "none", tokens: int | None = None, text_tokens: int = TEXT_TOKENS,
+          grid: tuple[int, int] | None = None) -> Count:
+    """Analytic FLOPs of the vision encoder and the prefill for `variant` keeping `tokens` per crop."""
+    if variant not in ("none", *VARIANTS):
+        raise ValueError(f"variant must be 'none' or one of {VARIANTS}, got {variant!r}")
+    geometry = config_geometry(config)
+    rows_cols = anyres_grid(config, grid)
+    crops = 1 + rows_cols[0] * rows_cols[1] if rows_cols else 1
+    tokens = geometry.patches if tokens is None else tokens
+    if variant == "none" or tokens == geometry.patches:
+        schedule = Schedule((), ())
+    else:  # FiCoCo-L sees the visual tokens of every crop that FiCoCo-V passes on
+        ficoco = FiCoCoConfig(variant, tokens=tokens)
+        encoder = build_schedule(ficoco, geometry).vision
+        schedule = build_schedule(ficoco, geometry, crops * (encoder[-1].tokens_out if encoder else geometry.patches))
+    visual = crops * (schedule.vision[-1].tokens_out if schedule.vision else geometry.patches)
+    language = {s.layer: s.tokens_out for s in schedule.language}
+    return Count(
+        variant, tokens, crops, visual, schedule,
+        vision=vision_flops(vision_of(config["vision_config"]), crops, geometry.patches, schedule.vision_tokens,
+                            geometry.feature_layer),
+        prefill=prefill_flops(text_of(config["text_config"]), text_tokens, visual, language),
+    )
+
+
+def tokens_for_budget(model_config: dict, tflops: float, variant: str = "v", text_tokens: int = TEXT_TOKENS,
+                      grid: tuple[int, int] | None = None, include_vision: bool = False) -> int:
+    """The most visual tokens per crop (FiCoCoConfig `tokens`) whose prefill (+ encoder) fits `tflops`.
+
+    Returns the patch count P when the unreduced model already fits; raises
+    ValueError when even one token per crop does not (FiCoCo-L's first layers
+    always see every visual token).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    budget = tflops * 1e12
+    patches = config_geometry(model_config).patches
+    best = None
+    for tokens in range(patches, 0, -1):
+        c = count(model_config, variant, tokens, text_tokens, grid)
+        flops = c.total if include_vision else c.prefill
+        if flops <= budget:
+            return tokens
+        best = flops
+    raise ValueError(f"no FiCoCo-{variant.upper()} schedule fits {tflops} TFLOPs: one token per crop "
+                     f"still needs {best / 1e12:.3f} TFLOPs")

@@ -140,3 +140,18 @@ def test_from_onnx_rejects_missing_or_altered_graphs(build_dir, tmp_path, capsys
     (altered / "vision.onnx").unlink()
     code, err = run_cli(["--from-onnx", str(altered), "--backend", "tensorrt-rtx"], capsys)
     assert code == 2 and "vision.onnx" in err and "missing" in err
+
+
+def test_tflops_budget_resolves_to_the_most_tokens_that_fit(tiny):
+    """--tflops B keeps the largest per-crop token count whose prefill (ficoco.flops convention) fits B."""
+    from export.pipeline import resolve_budget
+    from export.request import BuildRequest
+    from ficoco.flops import prefill_flops, text_of
+
+    model = tiny["tiny-llava-1.5"][0]
+    resolved = resolve_budget(model, BuildRequest(tflops=0.002))
+    text = text_of(model.config.text_config.to_dict())
+    assert resolved.tflops is None and 1 <= resolved.tokens < 576
+    assert prefill_flops(text, 60, resolved.tokens, {}) <= 0.002e12 < prefill_flops(text, 60, resolved.tokens + 1, {})
+    with pytest.raises(ValueError, match="exactly one of --ratio, --tokens and --tflops"):
+        BuildRequest(tflops=0.002, ratio=0.5)
