@@ -31,13 +31,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_image(path: str | None):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if path is None:
         return Image.linear_gradient("L").resize((500, 400)).convert("RGB")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")  # as HF's load_image does for files
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read image {path!r}: {error}") from None
 
