@@ -96,6 +96,10 @@ def bad_manifest(build: Path, tmp_path: Path, change: str) -> Path:
     elif change == "sha256":
         data = (copy / "decode.onnx").read_bytes()
         (copy / "decode.onnx").write_bytes(data[: len(data) // 2])
+    elif change == "no-engines":  # what `export.build --backend none` writes
+        for engine in copy.glob("*.engine"):
+            engine.unlink()
+        manifest["engines"], manifest["tensorrt"] = {}, None
     elif change in ("tensorrt", "tensorrt-rtx"):  # engines present, so the flavour's module is needed
         for graph in ("vision", "prefill", "decode"):
             (copy / f"{graph}.engine").write_bytes(b"not an engine")
@@ -159,7 +163,8 @@ def test_bad_build_is_one_line_exit_2(change: str, expected: str, build_dir, tmp
 def test_missing_build_dir_and_no_engines(build_dir, tmp_path: Path, capsys, photo_files) -> None:
     image = str(photo_files["coffee"])
     one_line_error(capsys, ["--engine-dir", str(tmp_path / "nope"), "--image", image, "--prompt", "Hi"], "does not exist")
-    args = ["--engine-dir", str(build_dir(BUILD)), "--image", image, "--prompt", "Hi", "--backend", "tensorrt"]
+    plain = bad_manifest(build_dir(BUILD), tmp_path, "no-engines")
+    args = ["--engine-dir", str(plain), "--image", image, "--prompt", "Hi", "--backend", "tensorrt"]
     one_line_error(capsys, args, "has no TensorRT engines", "--from-onnx")
 
 
