@@ -22,14 +22,14 @@ def make_wide_model(tiny_dir: Path, out: Path) -> Path:
     """Tiny preset's vision tower, tokenizer and processor; Vicuna-7B-width text model with 2 layers."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     config = LlavaConfig.from_pretrained(tiny_dir)
     config.text_config.update(dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                                    num_key_value_heads=32, num_hidden_layers=2, vocab_size=32000))
     tiny = LlavaForConditionalGeneration.from_pretrained(tiny_dir)
-    with torch.device("meta"):
+    with no_init_weights():  # skip HF's slow init; buffers (position ids, RoPE frequencies) are still computed
         model = LlavaForConditionalGeneration(config)
-    model = model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():  # wide parts: norms 1, biases 0, weights N(0, 0.02)
