@@ -168,12 +168,13 @@ def library_versions() -> dict:
 def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> dict:
     """Load, patch, export the three graphs and check them; returns the manifest body (without engines)."""
     from . import pipeline, verify
+    from .graphs import graph_set
 
     with progress.stage(f"load {request.model}"):
         model, processor, source = pipeline.load_model(request)
     with progress.stage(f"patch FiCoCo-{request.variant.upper()}"):
         plan, layout = pipeline.patch(model, processor, request)
-        graphs = pipeline.build_graphs(model, plan, layout)
+        graphs = graph_set(model, plan, layout)
         sample = verify.make_sample(processor, model.config.image_token_id, "Describe the image.", verify.NUMPY_DTYPES[request.precision])
         args = pipeline.example_args(graphs, sample)
     large = pipeline.is_large(model)
@@ -186,14 +187,25 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
     (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
     if not parity["passed"] and not request.skip_verify:
         raise VerificationError(parity)
+    body = describe_build(request, model, processor, plan, layout)
+    body["source"]["path"] = str(source)
+    body["tokenizer"] = {**pipeline.copy_tokenizer(source, tmp), **body["tokenizer"]}
+    return {**body, "graphs": entries, "flops": pipeline.flops_estimate(model, plan, layout), "parity": parity}
+
+
+def describe_build(request: BuildRequest, model, processor, plan, layout) -> dict:
+    """The manifest's description of the model, the FiCoCo setting and the schedule."""
+    from .verify import eos_ids
+
     text = model.config.text_config
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {
-            "model": request.model, "path": str(source), "architecture": type(model).__name__,
+            "model": request.model, "architecture": type(model).__name__,
             "text": {"layers": text.num_hidden_layers, "hidden": text.hidden_size, "kv_heads": text.num_key_value_heads,
-                     "head_dim": text.hidden_size // text.num_attention_heads, "vocab": text.vocab_size,
-                     "image_token_id": model.config.image_token_id, "eos_token_ids": sorted(verify.eos_ids(model))},
+                     "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                     "vocab": text.vocab_size, "image_token_id": model.config.image_token_id,
+                     "eos_token_ids": sorted(eos_ids(model))},
         },
         "variant": request.variant,
         "ficoco": {**dataclasses.asdict(plan.config), "tflops_budget": request.tflops},
@@ -204,11 +216,8 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
             "grid": list(layout.grid) if layout.grid else None, "visual_tokens": layout.visual_tokens,
         },
         "precision": request.precision, "max_seq_len": request.max_seq_len,
-        "graphs": entries,
         "preprocess": processor.image_processor.to_dict(),
-        "tokenizer": {**pipeline.copy_tokenizer(source, tmp), "image_token": processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id)},
-        "flops": pipeline.flops_estimate(model, plan, layout),
-        "parity": parity,
+        "tokenizer": {"image_token": processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id)},
     }
 
 
@@ -223,6 +232,7 @@ class VerificationError(RuntimeError):
 def reload_for_verify(manifest: dict):
     """(model, processor, graphs) of an existing build, for `python -m export.verify`."""
     from . import pipeline
+    from .graphs import graph_set
 
     request = BuildRequest(
         model=manifest["source"]["path"], variant=manifest["variant"],
@@ -232,7 +242,7 @@ def reload_for_verify(manifest: dict):
     )
     model, processor, _ = pipeline.load_model(request)
     plan, layout = pipeline.patch(model, processor, request)
-    return model, processor, pipeline.build_graphs(model, plan, layout)
+    return model, processor, graph_set(model, plan, layout)
 
 
 def summary(body: dict, progress: Progress, out: Path) -> str:

@@ -14,7 +14,7 @@ from ficoco.patch.llava import Plan
 from runtime.manifest import file_entry
 
 from runtime import names
-from .graphs import GraphSet, Layout, export_onnx, graph_set
+from .graphs import GraphSet, Layout, export_onnx
 from .request import BuildRequest
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -151,10 +151,6 @@ def example_args(graphs: GraphSet, sample) -> dict[str, tuple]:
         length = before.shape[1] + graphs.layout.visual_tokens + after.shape[1]
     decode = (out[0].argmax(-1, keepdim=True), torch.tensor([[length]]), list(out[1:]))
     return {names.VISION: (pixels,), names.PREFILL: (before, features, after), names.DECODE: decode}
-
-
-def build_graphs(model, plan: Plan, layout: Layout) -> GraphSet:
-    return graph_set(model, plan, layout)
 
 
 def flops_estimate(model, plan: Plan, layout: Layout, text_tokens: int = 60) -> dict:
