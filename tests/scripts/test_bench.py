@@ -1,4 +1,4 @@
-"""scripts/bench.py in --smoke mode: every section is written with sane figures (never an assertion on speed)."""
+"""scripts/bench.py --quick, as CI runs it: every section is written with sane figures (never an assertion on speed)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from ficoco import flops as F
 from ficoco.config import FiCoCoConfig, ModelGeometry, build_schedule
 from scripts import bench
 
-MODE = bench.MODES["smoke"]
+MODE = bench.MODES["quick"]
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, small_build):
-    """One --smoke run over the shared tiny FiCoCo-V build: (out dir, bench.json)."""
+def quick_run(tmp_path_factory, small_build):
+    """One --quick run (issue 5: under 5 minutes in CI) over the shared tiny FiCoCo-V build: (out dir, bench.json)."""
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(["--smoke", "--build", str(small_build), "--out-dir", str(out)]) == 0
+    assert bench.main(["--quick", "--build", str(small_build), "--out-dir", str(out)]) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
@@ -34,29 +34,29 @@ def geometry(model: dict) -> ModelGeometry:
     return ModelGeometry((side, side), v["num_hidden_layers"], v["num_hidden_layers"] - 2, model["text"]["num_hidden_layers"])
 
 
-def test_writes_markdown_json_png_and_log(smoke):
-    out, results = smoke
+def test_writes_markdown_json_png_and_log(quick_run):
+    out, results = quick_run
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "bench.png").stat().st_size > 10_000
     assert (out / "bench.log").is_file()
     text = (out / "bench.md").read_text()
     for heading in ("## 1. Vision encoder", "## 2. LLM prefill", "## 3. Decode step", "## 4. FiCoCo operations",
                     "## 5. Hugging Face eager vs the runtime", "## Targets"):
         assert heading in text
-    assert "smoke mode" in text and text.count("PASS") + text.count("FAIL") == 3
+    assert "quick mode" in text and text.count("PASS") + text.count("FAIL") == 3
     assert set(results) >= {"machine", "settings", "vision", "prefill", "decode", "ficoco_ops", "chat", "targets", "duration_s"}
 
 
-def test_machine_and_settings_are_recorded(smoke):
-    _, results = smoke
+def test_machine_and_settings_are_recorded(quick_run):
+    _, results = quick_run
     machine, settings = results["machine"], results["settings"]
     assert machine["cpu"] and machine["cores"] >= 1 and positive(machine["ram_gb"]) and machine["date"]
     assert machine["torch"] and machine["onnxruntime"] and machine["transformers"]
-    assert settings["name"] == "smoke" and settings["ort_session"]["intra_op_num_threads"] == settings["threads"] >= 1
+    assert settings["name"] == "quick" and settings["ort_session"]["intra_op_num_threads"] == settings["threads"] >= 1
     assert settings["repeats"] == MODE.repeats
 
 
-def test_vision_rows_follow_the_schedule_and_ficoco_flops(smoke):
-    vision = smoke[1]["vision"]
+def test_vision_rows_follow_the_schedule_and_ficoco_flops(quick_run):
+    vision = quick_run[1]["vision"]
     model = F.vision_of(vision["model"]["vision"])
     geo = geometry(vision["model"])
     full = F.vision_flops(model, 1, geo.patches, {}, geo.feature_layer)
@@ -71,8 +71,8 @@ def test_vision_rows_follow_the_schedule_and_ficoco_flops(smoke):
     assert vision["rows"][0]["speedup"] == 1.0 and vision["rows"][-1]["flops_ratio"] < 1.0
 
 
-def test_prefill_rows_follow_the_schedule_and_ficoco_flops(smoke):
-    prefill = smoke[1]["prefill"]
+def test_prefill_rows_follow_the_schedule_and_ficoco_flops(quick_run):
+    prefill = quick_run[1]["prefill"]
     text, geo = F.text_of(prefill["model"]["text"]), ModelGeometry((24, 24), 24, 22, prefill["model"]["text"]["num_hidden_layers"])
     tokens = prefill["text_tokens"]
     assert tokens == F.TEXT_TOKENS
@@ -89,10 +89,10 @@ def test_prefill_rows_follow_the_schedule_and_ficoco_flops(smoke):
     assert [row["language"][0][0] for row in prefill["rows"] if row["variant"] == "l"] == [4] * len(MODE.prefill_ratios)
 
 
-def test_decode_and_ficoco_ops_figures(smoke):
-    results = smoke[1]
+def test_decode_and_ficoco_ops_figures(quick_run):
+    results = quick_run[1]
     rows = results["decode"]["rows"]
-    assert [row["cache_length"] for row in rows] == list(MODE.lengths)
+    assert [row["cache_length"] for row in rows] == [n for n in MODE.lengths if n < 2048]  # the build holds < max_seq_len
     assert all(positive(row["runtime_ms"]) and positive(row["hf_ms"]) for row in rows)
     ops = results["ficoco_ops"]
     schedule = build_schedule(FiCoCoConfig("v", ratio=ops["ratio"]), geometry(results["vision"]["model"])).vision
@@ -102,8 +102,8 @@ def test_decode_and_ficoco_ops_figures(smoke):
     assert ops["share_of_encoder"] == pytest.approx(ops["steps_ms"] / ops["encoder"]["ms"])
 
 
-def test_chat_rows_and_targets(smoke):
-    results = smoke[1]
+def test_chat_rows_and_targets(quick_run):
+    results = quick_run[1]
     rows = results["chat"]["rows"]
     assert [(row["system"].split()[0], row["setting"] == "unreduced") for row in rows] == [
         ("Hugging", True), ("Hugging", False), ("runtime", False)]
