@@ -147,7 +147,7 @@ def build_engines(directory: Path, body: dict, request: BuildRequest, flavour, p
         with progress.stage(f"engine {graph} ({flavour.name})"):
             info = build_engine(spec, flavour, log=lambda *a: None)
         commands[graph] = info.pop("trtexec")
-        engines[graph] = {**manifest_io.file_entry(directory, spec.engine_path.name), **info}
+        engines[graph] = {"file": spec.engine_path.name, **info}  # info holds the written bytes' sha256 and size
     section = {"flavour": flavour.name, "version": flavour.version,
                "compute_capabilities": list(request.compute_capabilities) if flavour.name == "tensorrt-rtx" else None,
                "trtexec": commands}

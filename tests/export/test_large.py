@@ -20,25 +20,15 @@ from runtime.manifest import check_files, read
 
 def make_wide_model(tiny_dir: Path, out: Path) -> Path:
     """Tiny preset's vision tower, tokenizer and processor; Vicuna-7B-width text model with 2 layers."""
-    import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
-    from transformers.initialization import no_init_weights
+
+    from scripts.bench_models import empty_model
 
     config = LlavaConfig.from_pretrained(tiny_dir)
     config.text_config.update(dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                                    num_key_value_heads=32, num_hidden_layers=2, vocab_size=32000))
     tiny = LlavaForConditionalGeneration.from_pretrained(tiny_dir)
-    with no_init_weights():  # skip HF's slow init; buffers (position ids, RoPE frequencies) are still computed
-        model = LlavaForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # wide parts: norms 1, biases 0, weights N(0, 0.02)
-            if "norm" in name:
-                param.fill_(1.0)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
+    model = empty_model(config, seed=0)  # norms 1, biases 0, weights N(0, 0.02); buffers computed as usual
     model.model.vision_tower.load_state_dict(tiny.model.vision_tower.state_dict())  # the preset's CLIP tower
     model.save_pretrained(out)
     for name in tiny_dir.iterdir():
