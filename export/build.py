@@ -16,10 +16,7 @@ import dataclasses
 import io
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +24,10 @@ from pathlib import Path
 from runtime import manifest as manifest_io
 
 from runtime import names
+from . import gates
+from .reload import source_entry
 from .request import BACKENDS, PRECISIONS, VARIANTS, BuildRequest, parse_capability, parse_grid
+from .from_onnx import build_engines, run_from_onnx  # engines: every build, and --from-onnx on the device
 
 
 class Progress:
@@ -70,7 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-capability", nargs="+", default=None, metavar="SM", help="TensorRT-RTX targets, e.g. 8.6 12.0")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--grid", default=None, help="LLaVA-NeXT anyres grid fixed by the build, rows x cols (default 2x2)")
-    p.add_argument("--skip-verify", action="store_true", help="build even if a parity check fails")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--allow-parity-failure", action="store_true",
+                       help="verify, and publish even if a parity check fails (the manifest marks the build as failed)")
+    check.add_argument("--no-verify", action="store_true", help="skip the parity verification (required for bf16)")
     p.add_argument("--from-onnx", type=Path, metavar="DIR", help="compile engines for an existing build (no torch)")
     return p.parse_args(argv)
 
@@ -80,7 +83,8 @@ def make_request(args: argparse.Namespace) -> BuildRequest:
     extra = {"compute_capabilities": capabilities} if capabilities else {}
     return BuildRequest(
         model=args.model, variant=args.variant, ratio=args.ratio, tokens=args.tokens, tflops=args.tflops, out=args.out,
-        precision=args.precision, backend=args.backend, max_seq_len=args.max_seq_len, skip_verify=args.skip_verify,
+        precision=args.precision, backend=args.backend, max_seq_len=args.max_seq_len,
+        allow_parity_failure=args.allow_parity_failure, verify=not args.no_verify,
         grid=parse_grid(args.grid) if args.grid else (2, 2), grid_given=args.grid is not None, **extra,
     )
 
@@ -98,60 +102,6 @@ def resolve_flavour(backend: str):
             print(f"note: {error}; engines are skipped", flush=True)
             return None
         raise
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not manifest_io.is_build(out):
-        raise ValueError(f"--out {str(out)!r} exists and is not an export.build directory; refusing to overwrite it")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished build into place, replacing an earlier build of the same name."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def engine_profiles(graph_entry: dict, max_seq_len: int, opt: dict[str, int]) -> dict:
-    """(min, opt, max) per input: text dims 1..max_seq_len, everything else as exported."""
-    profiles = {}
-    for tensor in graph_entry["inputs"]:
-        low, best, high = [], [], []
-        for dim in tensor["shape"]:
-            if isinstance(dim, int):
-                low.append(dim), best.append(dim), high.append(dim)
-            else:
-                low.append(1), best.append(min(opt.get(dim, 64), max_seq_len)), high.append(max_seq_len)
-        profiles[tensor["name"]] = (tuple(low), tuple(best), tuple(high))
-    return profiles
-
-
-def build_engines(directory: Path, body: dict, request: BuildRequest, flavour, progress: Progress) -> tuple[dict, dict]:
-    """Compile every ONNX graph of the build in `directory`; returns (engines entries, tensorrt section)."""
-    from .engine import EngineSpec, build_engine
-
-    graphs, visual_tokens, layers = body["graphs"], body["schedule"]["visual_tokens"], body["source"]["text"]["layers"]
-    engines, commands = {}, {}
-    # optimum shapes: a typical chat prompt, and caches about as long as the prompt with its visual tokens
-    opt = {"text_before": 8, "text_after": 32, **{f"past_{i}": visual_tokens + 64 for i in range(layers)}}
-    for graph in names.GRAPHS:
-        spec = EngineSpec(
-            onnx_path=directory / graphs[graph]["file"], engine_path=directory / f"{graph}.engine",
-            profiles=engine_profiles(graphs[graph], request.max_seq_len, opt),
-            precision=request.precision, compute_capabilities=request.compute_capabilities,
-        )
-        with progress.stage(f"engine {graph} ({flavour.name})"):
-            info = build_engine(spec, flavour, log=lambda *a: None)
-        commands[graph] = info.pop("trtexec")
-        engines[graph] = {"file": spec.engine_path.name, **info}  # info holds the written bytes' sha256 and size
-    section = {"flavour": flavour.name, "version": flavour.version,
-               "compute_capabilities": list(request.compute_capabilities) if flavour.name == "tensorrt-rtx" else None,
-               "trtexec": commands}
-    return engines, section
 
 
 def library_versions() -> dict:
@@ -175,20 +125,23 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
     with progress.stage(f"patch FiCoCo-{request.variant.upper()}"):
         plan, layout = pipeline.patch(model, processor, request)
         graphs = graph_set(model, plan, layout)
-        sample = verify.make_sample(processor, model.config.image_token_id, "Describe the image.", verify.NUMPY_DTYPES[request.precision])
+        pixel_dtype = verify.NUMPY_DTYPES.get(request.precision, verify.NUMPY_DTYPES["fp32"])  # bf16: cast in example_args
+        sample = verify.make_sample(processor, model.config.image_token_id, verify.COMPARE_PROMPTS[0], pixel_dtype)
         args = pipeline.example_args(graphs, sample)
     large = pipeline.is_large(model)
     entries = {}
     for graph in names.GRAPHS:
         with progress.stage(f"export {graph}.onnx"):
             entries[graph] = pipeline.export_graph(graphs, graph, args[graph], tmp, request.max_seq_len, large)
-    with progress.stage("verify (Polygraphy: PyTorch vs ONNX Runtime; greedy decoding end to end)"):
-        parity = verify.verify(tmp, model, processor, graphs, request.precision)
-    (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
-    if not parity["passed"] and not request.skip_verify:
-        raise VerificationError(parity)
+    parity = None
+    if request.verify:
+        with progress.stage("verify (Polygraphy: PyTorch vs ONNX Runtime; greedy and teacher-forced decoding)"):
+            parity = verify.verify(tmp, model, processor, graphs, request.precision)
+        (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+        if not parity["passed"] and not request.allow_parity_failure:
+            raise VerificationError(parity)
     body = describe_build(request, model, processor, plan, layout)
-    body["source"]["path"] = str(source)
+    body["source"].update(source_entry(request.model, source))
     body["tokenizer"] = {**pipeline.copy_tokenizer(source, tmp), **body["tokenizer"]}
     return {**body, "graphs": entries, "flops": pipeline.flops_estimate(model, plan, layout), "parity": parity}
 
@@ -216,33 +169,19 @@ def describe_build(request: BuildRequest, model, processor, plan, layout) -> dic
             "grid": list(layout.grid) if layout.grid else None, "visual_tokens": layout.visual_tokens,
         },
         "precision": request.precision, "max_seq_len": request.max_seq_len,
-        "preprocess": processor.image_processor.to_dict(),
+        "preprocess": {**processor.image_processor.to_dict(), "backend": processor.image_processor.backend},
         "tokenizer": {"image_token": processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id)},
     }
 
 
 class VerificationError(RuntimeError):
-    def __init__(self, parity: dict):
-        failed = [f"{g}.{o}" for g, r in parity["graphs"].items() for o, f in r["outputs"].items() if not f["passed"]]
-        if not parity["end_to_end"]["passed"]:
-            failed.append("end-to-end tokens")
-        super().__init__(f"parity check failed: {', '.join(failed)} (see parity.json; --skip-verify builds anyway)")
+    """A parity check failed; `parity` is the record, `evidence` where parity.json and build.log were kept."""
 
-
-def reload_for_verify(manifest: dict):
-    """(model, processor, graphs) of an existing build, for `python -m export.verify`."""
-    from . import pipeline
-    from .graphs import graph_set
-
-    request = BuildRequest(
-        model=manifest["source"]["path"], variant=manifest["variant"],
-        ratio=manifest["ficoco"]["ratio"] if manifest["variant"] != "none" else None,
-        tokens=manifest["ficoco"]["tokens"], precision=manifest["precision"], max_seq_len=manifest["max_seq_len"],
-        grid=tuple(manifest["schedule"]["grid"] or (2, 2)),
-    )
-    model, processor, _ = pipeline.load_model(request)
-    plan, layout = pipeline.patch(model, processor, request)
-    return model, processor, graph_set(model, plan, layout)
+    def __init__(self, parity: dict, evidence: Path | None = None):
+        self.parity, self.evidence = parity, evidence
+        where = f"see {evidence}/parity.json" if evidence else "see parity.json"
+        super().__init__(f"parity check failed: {', '.join(gates.failing_rows(parity))} ({where}; "
+                         "--allow-parity-failure publishes anyway, marked as failed)")
 
 
 def summary(body: dict, progress: Progress, out: Path) -> str:
@@ -256,13 +195,11 @@ def summary(body: dict, progress: Progress, out: Path) -> str:
             size = entry["bytes"] + sum(e["bytes"] for e in entry.get("external_data", []))
             lines.append(f"  {entry['file']:<22}{size / 1e6:>10.2f}")
     parity = body["parity"]
-    if parity:
-        for graph, result in parity["graphs"].items():
-            for output, f in result["outputs"].items():
-                if not output.startswith("present."):
-                    extra = f"  kept-set overlap {f['overlap']:.3f}" if "overlap" in f else ""
-                    lines.append(f"  parity {graph}.{output:<16} max_abs {f['max_abs']:.1e}  cosine {f['cosine']:.7f}{extra}")
-        lines.append(f"  parity end to end: {'identical' if parity['end_to_end']['passed'] else 'DIFFERENT'} greedy tokens ({len(parity['end_to_end']['onnx_tokens'])})")
+    if parity is None:
+        lines.append("  parity: NOT VERIFIED (--no-verify)")
+    else:
+        lines.append(f"  parity: {'passed' if parity['passed'] else 'FAILED (published with --allow-parity-failure)'}")
+        lines.extend(f"    {line}" for line in gates.report_lines(parity))
     tf = body["flops"]
     lines.append(f"  FLOPs: prefill {tf['tflops']['prefill']:.4f} TFLOPs (unreduced {tf['unreduced_tflops']['prefill']:.4f}, "
                  f"{tf['prefill_reduction']:.2f}x less); vision {tf['tflops']['vision']:.4f} TFLOPs")
@@ -271,59 +208,56 @@ def summary(body: dict, progress: Progress, out: Path) -> str:
 
 
 def run_build(request: BuildRequest) -> int:
+    """Check everything that can be checked, then build in a workspace beside --out (export.workspace):
+    published at --out only when every stage succeeded; a failed verification keeps its evidence."""
+    from .request import check_model, check_targets
+    from .workspace import Workspace
+
     out = request.out_dir
-    check_out_dir(out)
+    workspace = Workspace(out)  # refuses an --out that cannot be written or replaced
     flavour = resolve_flavour(request.backend)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_targets(request, flavour)
+    check_model(request)
     log = io.StringIO()
     progress = Progress(6 + (3 if flavour else 0), log)
-    try:
-        body = export_and_verify(request, tmp, progress)
-        body["engines"], body["tensorrt"] = build_engines(tmp, body, request, flavour, progress) if flavour else ({}, None)
+    with workspace as ws:
+        try:
+            body = export_and_verify(request, ws.build, progress)
+        except VerificationError as error:
+            (ws.build / "build.log").write_text(log.getvalue())
+            raise VerificationError(error.parity, ws.keep_failed()) from None
+        body["engines"], body["tensorrt"] = build_engines(ws.build, body, request, flavour, progress) if flavour else ({}, None)
         body["libraries"] = library_versions()
-        manifest_io.write(tmp, body)
-        (tmp / "build.log").write_text(log.getvalue())
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        manifest_io.write(ws.build, body)
+        (ws.build / "build.log").write_text(log.getvalue())
+        ws.publish()
     print(summary(body, progress, out))
-    return 0
-
-
-def run_from_onnx(directory: Path, request: BuildRequest) -> int:
-    """Engines for an existing build's ONNX graphs, on the target device; no torch or transformers."""
-    body = manifest_io.read(directory)
-    manifest_io.check_files(directory, body["graphs"])
-    flavour = resolve_flavour(request.backend)
-    if flavour is None:
-        raise ValueError("--from-onnx needs a TensorRT backend: --backend tensorrt or tensorrt-rtx")
-    request = BuildRequest(**{**vars(request), "precision": body["precision"], "max_seq_len": body["max_seq_len"]})
-    progress = Progress(3, io.StringIO())
-    body["engines"], body["tensorrt"] = build_engines(directory, body, request, flavour, progress)
-    for key in ("schema", "schema_version"):
-        body.pop(key)
-    manifest_io.write(directory, body)
-    print(summary(body, progress, directory))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from .engine import EngineBuildError
+    from .workspace import signals
 
-    try:
-        if args.from_onnx is not None:
-            return run_from_onnx(args.from_onnx, make_request(argparse.Namespace(**{**vars(args), "variant": "none", "ratio": None, "tokens": None, "tflops": None})))
-        if args.variant != "none" and args.ratio is None and args.tokens is None and args.tflops is None:
-            raise ValueError("give --ratio R, --tokens N or --tflops B (or --variant none)")
-        return run_build(make_request(args))
-    except (ValueError, manifest_io.BuildError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (VerificationError, EngineBuildError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    def fail(error: BaseException, code: int) -> int:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message
+        return code
+
+    with signals():  # SIGTERM raises like Ctrl-C: the workspace is removed on the way out
+        try:
+            if args.from_onnx is not None:
+                request = make_request(argparse.Namespace(**{**vars(args), "variant": "none", "ratio": None, "tokens": None, "tflops": None}))
+                return run_from_onnx(args.from_onnx, request, capabilities_given=args.compute_capability is not None)
+            if args.variant != "none" and args.ratio is None and args.tokens is None and args.tflops is None:
+                raise ValueError("give --ratio R, --tokens N or --tflops B (or --variant none)")
+            return run_build(make_request(args))
+        except (ValueError, manifest_io.BuildError) as error:
+            return fail(error, 2)
+        except (VerificationError, EngineBuildError, OSError) as error:  # OSError: e.g. a full disk
+            return fail(error, 1)
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM as workspace.Interrupted
+            return fail(f"{error or 'interrupted'}; nothing was published", getattr(error, "exit_code", 130))
 
 
 if __name__ == "__main__":

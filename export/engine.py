@@ -1,19 +1,25 @@
 """Compile the exported ONNX graphs into TensorRT engines, for standard TensorRT or TensorRT-RTX.
 
 One code path, the raw builder API of the module ``load_flavour`` imported: parse the ONNX from
-file (so external data works), add one optimization profile, set the precision, build, write the
-engine atomically. The flavour-specific parts are small functions:
+file (so external data works), add one optimization profile, check the precision, build, write the
+engine atomically. Supported: standard TensorRT 10.x and TensorRT-RTX 1.x (``load_flavour`` refuses
+others in one line; JetPack 6.0's TensorRT 8.6 cannot parse these graphs). The flavour-specific
+parts are small functions:
 
-* ``_apply_precision``: standard TensorRT is weakly typed; fp16/bf16 set the builder flag and pin
-  NORMALIZATION/SOFTMAX layers (and names matching ``EngineSpec.fp32_layers``) to fp32. TensorRT-RTX
-  1.x is always strongly typed (no FP16/BF16 flags, no per-layer precision; ``STRONGLY_TYPED`` is
-  deprecated and ignored): tensors keep their ONNX types, so the caller exports an fp16/bf16 ONNX
-  with fp32 islands as explicit casts, and ``_check_strong_types`` refuses a network whose float
-  types do not match ``EngineSpec.precision``.
-* ``_apply_compute_capabilities``: RTX builds ahead of time, GPU-less, for the targets given. RTX
-  1.7 knows 7.5, 8.0, 8.6, 8.9, 12.0, 12.1; none given means its default set. On 7.5 (Turing) RTX
-  has no fp32 GEMM: fp32 builds with a MatMul fail there, fp16 ones work. Standard TensorRT builds
-  for the local GPU. ``_network_flags``: explicit batch on TensorRT < 10 only.
+* ``_network_flags`` / ``_apply_precision``: both flavours build strongly typed, so every tensor
+  keeps the type the ONNX gives it: standard TensorRT with the ``STRONGLY_TYPED`` network flag
+  (weak typing is deprecated from TensorRT 10.12), TensorRT-RTX always (its flag is deprecated and
+  ignored). No FP16/BF16 builder flags, no per-layer precisions: the exporter writes an fp16/bf16
+  ONNX whose fp32 parts (FiCoCo's scores, TopK and merges, norms, softmax) are explicit casts, and
+  ``_check_strong_types`` refuses a network whose float types do not match ``EngineSpec.precision``.
+* ``_apply_compute_capabilities``: RTX builds ahead of time, GPU-less, for the targets given, or for
+  the GPU it runs on ("current"). RTX 1.7 knows 7.5, 8.0, 8.6, 8.9, 12.0, 12.1; none given means its
+  default set. On 7.5 (Turing) RTX has no fp32 GEMM: fp32 builds with a MatMul fail there, fp16 ones
+  work. Standard TensorRT builds for the local GPU. Either way the report names the actual compute
+  capability where a GPU is visible (``runtime.device``).
+
+TensorRT's own warnings and errors go to the ``log`` callable of ``build_engine`` (``build.log`` in
+``export.build``); an ``EngineBuildError`` carries the errors in its one-line message.
 
 Polygraphy's loaders also build RTX engines here (with ``sys.modules["tensorrt_rtx"] =
 tensorrt_rtx_bindings`` and ``POLYGRAPHY_USE_TENSORRT_RTX=1``), but Polygraphy fixes the module for
@@ -36,11 +42,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from runtime.device import driver, trt_version_problem
+
 TENSORRT = "tensorrt"
 TENSORRT_RTX = "tensorrt-rtx"
 BACKENDS = ("auto", TENSORRT, TENSORRT_RTX)
 PRECISIONS = ("fp32", "fp16", "bf16")
-DEFAULT_FP32_LAYERS = r"(?i)norm|softmax"
+CURRENT = "current"  # EngineSpec.compute_capabilities: the GPU the build runs on (TensorRT-RTX's ComputeCapability.CURRENT)
 
 _INSTALL_HINT = {
     TENSORRT: "TensorRT is not installed (it ships with JetPack; on x86: pip install 'ficoco-edge[trt]')",
@@ -58,12 +66,19 @@ class BackendNotInstalledError(ValueError):
     """The requested TensorRT flavour cannot be imported; the message names the extra to install."""
 
 
+class UnsupportedVersionError(BackendNotInstalledError):
+    """The installed TensorRT is not a version this project supports (standard 10.x, TensorRT-RTX 1.x)."""
+
+
 class EngineBuildError(RuntimeError):
-    """Parsing or building failed; ``errors`` holds the parser or builder messages. Nothing is written."""
+    """Parsing or building failed; ``errors`` holds the parser or builder messages. Nothing is written.
+
+    The message is one line: the summary, then the first errors (all of them are in ``errors``)."""
 
     def __init__(self, message: str, errors: Sequence[str] = ()) -> None:
-        self.errors = list(errors)
-        super().__init__("\n  ".join([message, *self.errors]))
+        self.errors = [" ".join(str(e).split()) for e in errors]
+        shown = "; ".join(self.errors[:3]) + (f"; and {len(self.errors) - 3} more" if len(self.errors) > 3 else "")
+        super().__init__(f"{message}: {shown}" if shown else message)
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,10 @@ def _import_flavour(name: str) -> Flavour:
         except (ImportError, OSError) as exc:  # OSError: a wheel whose shared libraries are missing
             causes.append(f"{module_name}: {exc}")
             continue
-        return Flavour(name, module, str(getattr(module, "__version__", "unknown")))
+        flavour = Flavour(name, module, str(getattr(module, "__version__", "unknown")))
+        if (problem := trt_version_problem(name, flavour.version)) is not None:
+            raise UnsupportedVersionError(problem)
+        return flavour
     raise BackendNotInstalledError(f"{_INSTALL_HINT[name]} ({'; '.join(causes)})")
 
 
@@ -99,14 +117,18 @@ def load_flavour(backend: str = "auto") -> Flavour:
         raise ValueError(f"unknown TensorRT backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return _import_flavour(backend)
+    unsupported = []
     for name in (TENSORRT, TENSORRT_RTX):
         try:
             return _import_flavour(name)
+        except UnsupportedVersionError as error:
+            unsupported.append(str(error))
         except BackendNotInstalledError:
             pass
     raise BackendNotInstalledError(
         "neither TensorRT nor TensorRT-RTX is installed; install one with pip install 'ficoco-edge[trt]' "
         "(TensorRT; JetPack ships it) or pip install 'ficoco-edge[rtx]' (TensorRT-RTX)"
+        + "".join(f"; {line}" for line in unsupported)
     )
 
 
@@ -143,9 +165,9 @@ class Profile:
 class EngineSpec:
     """What to build. ``profiles``: input name -> (min, opt, max); static inputs need none.
 
-    ``compute_capabilities`` (e.g. ("8.6", "8.9", "12.0")) only applies to TensorRT-RTX; empty
-    means RTX's default set. ``fp32_layers`` is a regex on layer names pinned to fp32 (besides
-    every NORMALIZATION and SOFTMAX layer) in fp16/bf16 builds with standard TensorRT.
+    ``compute_capabilities`` (e.g. ("8.6", "8.9", "12.0"), or ("current",) for the local GPU) only
+    applies to TensorRT-RTX; empty means RTX's default set. ``precision`` is checked against the
+    network's own float types (both flavours build strongly typed).
     """
 
     onnx_path: Path
@@ -153,7 +175,6 @@ class EngineSpec:
     profiles: Mapping[str, Profile] = field(default_factory=dict, hash=False)
     precision: str = "fp32"
     compute_capabilities: tuple[str, ...] = ()
-    fp32_layers: str = DEFAULT_FP32_LAYERS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "onnx_path", Path(self.onnx_path))
@@ -167,14 +188,10 @@ class EngineSpec:
                 raise ValueError(f"profile input names must be non-empty strings, got {name!r}")
         object.__setattr__(self, "profiles", {k: Profile.of(v) for k, v in self.profiles.items()})
         ccs = tuple(str(c) for c in self.compute_capabilities)
-        bad = [c for c in ccs if not re.fullmatch(r"\d+\.\d+", c)]
+        bad = [c for c in ccs if not re.fullmatch(r"\d+\.\d+", c)] if ccs != (CURRENT,) else []
         if bad or len(set(ccs)) != len(ccs):
-            raise ValueError(f"compute capabilities must be distinct 'major.minor' strings, got {ccs}")
+            raise ValueError(f"compute capabilities must be distinct 'major.minor' strings (or just {CURRENT!r}), got {ccs}")
         object.__setattr__(self, "compute_capabilities", ccs)
-        try:
-            re.compile(self.fp32_layers)
-        except re.error as exc:
-            raise ValueError(f"fp32_layers is not a regular expression: {exc}") from None
 
 
 @dataclass
@@ -207,10 +224,10 @@ def _logger(flavour: Flavour) -> tuple[Any, _Collector]:
 
 
 def _network_flags(flavour: Flavour) -> int:
-    """Network creation flags: explicit batch before TensorRT 10 (the default, and the only mode, since)."""
-    flag = getattr(flavour.module.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
-    major = int(re.match(r"\d*", flavour.version).group() or 0)
-    return 1 << int(flag) if flag is not None and not flavour.is_rtx and major < 10 else 0
+    """Network creation flags: STRONGLY_TYPED for standard TensorRT; none for TensorRT-RTX (always strongly typed)."""
+    if flavour.is_rtx:
+        return 0
+    return 1 << int(flavour.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _parse(flavour: Flavour, builder: Any, spec: EngineSpec) -> tuple[Any, Any]:
@@ -265,22 +282,8 @@ def _floats(trt: ModuleType) -> dict[str, Any]:
     return {"fp32": trt.DataType.FLOAT, "fp16": trt.DataType.HALF, "bf16": trt.DataType.BF16}
 
 
-def _pinned_layers(flavour: Flavour, network: Any, spec: EngineSpec) -> list[Any]:
-    """Layers kept in fp32 in a weakly typed fp16/bf16 build: norms, softmax, names matching fp32_layers."""
-    types = {flavour.module.LayerType.NORMALIZATION, flavour.module.LayerType.SOFTMAX}
-    pattern = re.compile(spec.fp32_layers)
-    floats = set(_floats(flavour.module).values())
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    return [
-        layer
-        for layer in layers
-        if (layer.type in types or pattern.search(layer.name))
-        and any(layer.get_output(j).dtype in floats for j in range(layer.num_outputs))
-    ]
-
-
 def _check_strong_types(flavour: Flavour, network: Any, spec: EngineSpec) -> None:
-    """For strongly typed TensorRT-RTX: the network's own float types must match spec.precision."""
+    """Strongly typed builds (both flavours): the network's own float types must match spec.precision."""
     types = _floats(flavour.module)
     found = set()
     for i in range(network.num_layers):
@@ -290,47 +293,34 @@ def _check_strong_types(flavour: Flavour, network: Any, spec: EngineSpec) -> Non
     if types[spec.precision] not in floats or (spec.precision == "fp32" and floats != {types["fp32"]}):
         names = sorted(_DTYPES[d.name] for d in floats)
         raise EngineBuildError(
-            f"{flavour.name} is strongly typed: it takes precisions from the ONNX, whose float tensors are "
+            f"{flavour.name} builds strongly typed: it takes precisions from the ONNX, whose float tensors are "
             f"{names}, but precision {spec.precision!r} was asked for; export {spec.onnx_path.name} in "
             f"{spec.precision}" + ("" if spec.precision == "fp32" else " (fp32 parts as explicit casts)")
         )
 
 
-def _apply_precision(flavour: Flavour, config: Any, network: Any, spec: EngineSpec, log: Log) -> list[str]:
-    """Set the precision; return the names of layers pinned to fp32 (standard TensorRT only)."""
-    if flavour.is_rtx:
-        _check_strong_types(flavour, network, spec)
-        return []
-    if spec.precision == "fp32":
-        return []
-    trt = flavour.module
-    flag = getattr(trt.BuilderFlag, spec.precision.upper(), None)
-    if flag is None:
-        raise EngineBuildError(f"TensorRT {flavour.version} has no {spec.precision} builder flag")
-    config.set_flag(flag)
-    obey = getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None)
-    if obey is not None:
-        config.set_flag(obey)
-    pinned = _pinned_layers(flavour, network, spec)
-    for layer in pinned:
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype in _floats(trt).values():
-                layer.set_output_type(j, trt.float32)
-    log(f"[{flavour.name}] {spec.precision}: {len(pinned)} layers pinned to fp32")
-    return [layer.name for layer in pinned]
+def _apply_precision(flavour: Flavour, config: Any, network: Any, spec: EngineSpec, log: Log) -> None:
+    """Strongly typed (both flavours): no precision flags to set; the network's types must be spec.precision's."""
+    _check_strong_types(flavour, network, spec)
+    log(f"[{flavour.name}] strongly typed {spec.precision}: tensor types as in {spec.onnx_path.name}")
+
+
+def _local_capability() -> str | None:
+    """The compute capability of the GPU this process sees (device 0), or None without one."""
+    found = driver()
+    return found.compute_capability if found else None
 
 
 def _apply_compute_capabilities(flavour: Flavour, config: Any, spec: EngineSpec, log: Log) -> list[str]:
-    """Target compute capabilities for RTX; return what the engine is built for."""
+    """Target compute capabilities for RTX; return what the engine is built for (the local GPU's, where known)."""
     if not flavour.is_rtx:
         if spec.compute_capabilities:
             log(f"[{flavour.name}] compute capabilities {spec.compute_capabilities} ignored: builds for the local GPU")
-        return ["local"]
+        return [_local_capability() or "local"]
     if not spec.compute_capabilities:
         return ["default"]
     enum = flavour.module.ComputeCapability
-    names = ["SM" + c.replace(".", "") for c in spec.compute_capabilities]
+    names = ["CURRENT" if c == CURRENT else "SM" + c.replace(".", "") for c in spec.compute_capabilities]
     missing = [c for c, n in zip(spec.compute_capabilities, names) if not hasattr(enum, n)]
     if missing:
         known = [f"{m[2:-1]}.{m[-1]}" for m in enum.__members__ if m.startswith("SM")]
@@ -339,7 +329,17 @@ def _apply_compute_capabilities(flavour: Flavour, config: Any, spec: EngineSpec,
     for i, name in enumerate(names):
         if not config.set_compute_capability(getattr(enum, name), i):
             raise EngineBuildError(f"{flavour.name} refused compute capability {spec.compute_capabilities[i]}")
+    if spec.compute_capabilities == (CURRENT,):
+        return [_local_capability() or CURRENT]
     return list(spec.compute_capabilities)
+
+
+def supported_compute_capabilities(flavour: Flavour) -> tuple[str, ...]:
+    """The compute capabilities TensorRT-RTX can target ("7.5", ..., "12.1"); () for standard TensorRT,
+    which builds for the local GPU. export.build checks --compute-capability against it before exporting."""
+    if not flavour.is_rtx:
+        return ()
+    return tuple(f"{m[2:-1]}.{m[-1]}" for m in flavour.module.ComputeCapability.__members__ if m.startswith("SM"))
 
 
 def _write_atomically(path: Path, data: memoryview) -> None:
@@ -357,12 +357,13 @@ def _write_atomically(path: Path, data: memoryview) -> None:
         raise
 
 
-def build_engine(spec: EngineSpec, flavour: Flavour, log: Log = print) -> dict[str, Any]:
+def build_engine(spec: EngineSpec, flavour: Flavour, log: Log = print, base: Path | None = None) -> dict[str, Any]:
     """Parse ``spec.onnx_path``, build an engine with ``flavour`` and write it to ``spec.engine_path``.
 
     Raises EngineBuildError (nothing written) on parser errors, a profile that does not fit
-    the network, a precision the (RTX) network does not have, or a failed build. Builds in one
-    process must not overlap (they share the flavour's logger).
+    the network, a precision the network does not have, or a failed build. TensorRT's warnings and
+    errors go to ``log``. The report's ``trtexec`` line has paths relative to ``base`` (a build
+    directory) when given. Builds in one process must not overlap (they share the flavour's logger).
     """
     if not spec.onnx_path.is_file():
         raise FileNotFoundError(spec.onnx_path)
@@ -373,7 +374,7 @@ def build_engine(spec: EngineSpec, flavour: Flavour, log: Log = print) -> dict[s
     network, _parser = _parse(flavour, builder, spec)
     config = builder.create_builder_config()
     _add_profile(flavour, builder, config, network, spec)
-    pinned = _apply_precision(flavour, config, network, spec, log)
+    _apply_precision(flavour, config, network, spec, log)
     targets = _apply_compute_capabilities(flavour, config, spec, log)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -393,7 +394,7 @@ def build_engine(spec: EngineSpec, flavour: Flavour, log: Log = print) -> dict[s
         "outputs": _io(network, outputs=True),
         "compute_capabilities": targets,
         "precision": spec.precision,
-        "trtexec": trtexec_command(spec, flavour, pinned),
+        "trtexec": trtexec_command(spec, flavour, targets, base),
     }
 
 
@@ -402,27 +403,27 @@ def _shapes(spec: EngineSpec, which: str) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, getattr(p, which)))}" for name, p in spec.profiles.items())
 
 
-def trtexec_command(spec: EngineSpec, flavour: Flavour, fp32_layers: Sequence[str] = ()) -> str:
+def trtexec_command(spec: EngineSpec, flavour: Flavour, targets: Sequence[str] = (), base: Path | None = None) -> str:
     """The command line equivalent to ``build_engine`` (``trtexec``, or ``tensorrt_rtx`` for RTX).
 
-    ``fp32_layers``: layer names pinned to fp32 (``build_engine`` passes those it pinned); they are
-    only known after parsing, so without them a standard fp16/bf16 command ends in a shell comment.
+    ``targets``: the compute capabilities the engine was built for (``build_engine``'s report); an RTX
+    build for the current GPU names the GPU's. ``base``: paths are written relative to it, so the
+    line runs from that directory (a build's commands run from the build directory).
     """
-    args = ["tensorrt_rtx" if flavour.is_rtx else "trtexec", f"--onnx={spec.onnx_path}", f"--saveEngine={spec.engine_path}"]
+    def where(path: Path) -> str:
+        return os.path.relpath(path, base) if base is not None else str(path)
+
+    args = ["tensorrt_rtx" if flavour.is_rtx else "trtexec", f"--onnx={where(spec.onnx_path)}",
+            f"--saveEngine={where(spec.engine_path)}"]
     if spec.profiles:
         args += [f"--{w}Shapes={_shapes(spec, w)}" for w in ("min", "opt", "max")]
-    note = ""
     if flavour.is_rtx:
-        # Strongly typed, so no precision flags. The comma list without dots ("86,120") is the
-        # form NVIDIA's TensorRT-RTX docs show for --computeCapabilities.
-        if spec.compute_capabilities:
-            args.append("--computeCapabilities=" + ",".join(c.replace(".", "") for c in spec.compute_capabilities))
-    elif spec.precision != "fp32":
-        args += [f"--{spec.precision}", "--precisionConstraints=obey"]
-        if fp32_layers:
-            args.append("--layerPrecisions=" + ",".join(f"{n}:fp32" for n in fp32_layers))
-            args.append("--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in fp32_layers))
-        else:
-            note = "  # add --layerPrecisions=<layer>:fp32 for each norm/softmax layer"
+        # Always strongly typed. The comma list without dots ("86,120") is the form NVIDIA's
+        # TensorRT-RTX docs show for --computeCapabilities.
+        named = [c for c in (targets or spec.compute_capabilities) if re.fullmatch(r"\d+\.\d+", c)]
+        if named:
+            args.append("--computeCapabilities=" + ",".join(c.replace(".", "") for c in named))
+    else:
+        args.append("--stronglyTyped")  # precisions as in the ONNX, as build_engine builds
     args.append("--skipInference")  # build only, as build_engine does
-    return " ".join(shlex.quote(a) for a in args) + note
+    return " ".join(shlex.quote(a) for a in args)

@@ -111,13 +111,16 @@ class DecodeGraph(nn.Module):
         return (self.lm_head(hidden[:, -1]), *cache.flat())
 
 
-def export_onnx(module: nn.Module, args: tuple, path: Path, graph: str, layers: int, dynamic_shapes, large: bool) -> Path:
-    """torch.onnx.export (dynamo) with the stable names of `runtime.names`; external data when `large`."""
+def export_onnx(module: nn.Module, args: tuple, path: Path, graph: str, layers: int, dynamic_shapes, large: bool,
+                metadata: dict[str, str] | None = None) -> Path:
+    """torch.onnx.export (dynamo) with the stable names of `runtime.names`; external data when `large`;
+    `metadata` goes into the model's metadata_props (the runtime checks the manifest against it)."""
     inputs, outputs = names.io_names(graph, layers)
     program = torch.onnx.export(
         module, args, dynamo=True, input_names=inputs, output_names=outputs,
         dynamic_shapes=dynamic_shapes, opset_version=18, optimize=True, verbose=False,
     )
+    program.model.metadata_props.update(metadata or {})
     program.save(str(path), external_data=large)
     return path
 

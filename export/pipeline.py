@@ -11,7 +11,7 @@ import torch
 from ficoco import FiCoCoConfig, apply
 from ficoco import flops as flops_model
 from ficoco.patch.llava import Plan
-from runtime.manifest import file_entry
+from runtime.manifest import MAX_SEQ_LEN_KEY, file_entry
 
 from runtime import names
 from .graphs import GraphSet, Layout, export_onnx
@@ -137,7 +137,7 @@ def export_graph(graphs: GraphSet, graph: str, args: tuple, directory: Path, max
         dynamic = (None, None, past)
     path = directory / f"{graph}.onnx"
     with torch.no_grad():
-        export_onnx(module, args, path, graph, graphs.layers, dynamic, large)
+        export_onnx(module, args, path, graph, graphs.layers, dynamic, large, {MAX_SEQ_LEN_KEY: str(max_seq_len)})
     return describe(path)
 
 

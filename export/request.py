@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,8 @@ class BuildRequest:
     backend: str = "auto"
     compute_capabilities: tuple[str, ...] = DEFAULT_COMPUTE_CAPABILITIES
     max_seq_len: int = 2048
-    skip_verify: bool = False
+    allow_parity_failure: bool = False  # verify, publish even if it fails (marked failed in the manifest)
+    verify: bool = True  # False: --no-verify, no parity check at all
     grid: tuple[int, int] = (2, 2)
     grid_given: bool = False
 
@@ -59,8 +62,8 @@ class BuildRequest:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 16 <= self.max_seq_len <= 131072:
             raise ValueError(f"--max-seq-len must be in [16, 131072], got {self.max_seq_len}")
-        if self.precision == "bf16" and not self.skip_verify:
-            raise ValueError("--precision bf16 cannot be verified on ONNX Runtime's CPU provider (no bf16 kernels); add --skip-verify")
+        if self.precision == "bf16" and self.verify:
+            raise ValueError("--precision bf16 cannot be verified on ONNX Runtime's CPU provider (no bf16 kernels); add --no-verify")
         if self.tflops is None:
             self.ficoco_config()  # validates ratio / tokens
 
@@ -79,3 +82,54 @@ class BuildRequest:
     @property
     def out_dir(self) -> Path:
         return self.out if self.out is not None else self.default_out()
+
+
+# ------------------------------------------------------------------ checks before the first heavy stage
+
+
+def check_targets(request: BuildRequest, flavour) -> None:
+    """TensorRT-RTX builds only for the compute capabilities it knows: refuse others before any export."""
+    if flavour is None or not flavour.is_rtx:
+        return
+    from .engine import CURRENT, supported_compute_capabilities
+
+    known = supported_compute_capabilities(flavour)
+    unknown = [c for c in request.compute_capabilities if c not in (*known, CURRENT)]
+    if unknown:
+        jetson = (" (8.7 is Jetson Orin: compile its engines on the device with standard TensorRT, "
+                  "python -m export.build --from-onnx BUILD --backend tensorrt)") if "8.7" in unknown else ""
+        raise ValueError(f"--compute-capability {' '.join(unknown)}: {flavour.name} {flavour.version} cannot target "
+                         f"{'it' if len(unknown) == 1 else 'them'}; it supports {', '.join(known)}{jetson}")
+
+
+def check_model(request: BuildRequest) -> Path:
+    """The model against the request, from its files and config.json only (no weights loaded); returns its
+    directory. `resolve_model_dir` checks the files; here the FiCoCo schedule (--ratio/--tokens against the
+    patch count and layers), --grid against the anyres grids and --max-seq-len against the positions."""
+    from transformers import AutoConfig
+
+    from ficoco.config import build_schedule
+    from ficoco.flops import config_geometry
+    from ficoco.presets import ModelSourceError, resolve_model_dir
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        source = resolve_model_dir(request.model)  # a preset's first use builds it: its progress bars are noise
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        geometry = config_geometry(config.to_dict())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelSourceError(f"{source / 'config.json'}: not a usable LLaVA config: {' '.join(str(error).split())[:200]}") from None
+    if request.tflops is None:
+        build_schedule(request.ficoco_config(), geometry)  # ValueError naming tokens / layers out of range
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    side = config.vision_config.image_size
+    if pinpoints is not None and [request.grid[0] * side, request.grid[1] * side] not in [list(p) for p in pinpoints]:
+        options = ", ".join(f"{h // side}x{w // side}" for h, w in pinpoints)
+        raise ValueError(f"--grid {request.grid[0]}x{request.grid[1]} is not one of this model's anyres grids ({options})")
+    if pinpoints is None and request.grid_given and request.grid != (2, 2):
+        raise ValueError(f"--grid applies to LLaVA-NeXT only; {config.architectures[0]} has one crop per image")
+    positions = getattr(config.text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and request.max_seq_len > positions:
+        raise ValueError(f"--max-seq-len {request.max_seq_len} is more than the model's {positions} positions "
+                         "(text_config.max_position_embeddings)")
+    return source

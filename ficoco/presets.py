@@ -6,7 +6,8 @@ embedded below, a CLIP-ViT-L/14-336 shaped vision tower (24 layers, 577 tokens)
 with tiny widths, and a tiny GQA Llama decoder, all with seeded random weights.
 They are written with ``save_pretrained`` and read back through :func:`load`,
 which is the same code path a real local checkpoint directory (for example a
-``llava-hf/llava-1.5-7b-hf`` snapshot) goes through.
+``llava-hf/llava-1.5-7b-hf`` snapshot) goes through. The real-weights preset ``smol-llava-1.5``
+(``ficoco/real_presets.py``) is resolved, built and cached by the same functions.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def _model_config(spec: PresetSpec, tokenizer: Any) -> Any:
     return LlavaNextConfig(image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints], **common)
 
 
-def _processor(spec: PresetSpec, tokenizer: Any) -> Any:
+def _processor(spec: PresetSpec, tokenizer: Any, chat_template: str = CHAT_TEMPLATE) -> Any:
     """LlavaProcessor / LlavaNextProcessor configured like the llava-hf checkpoints."""
     # The PIL backends need no torchvision and still save image_processor_type "CLIPImageProcessor" /
     # "LlavaNextImageProcessor", so AutoProcessor picks the best installed backend on load.
@@ -250,7 +251,7 @@ def _processor(spec: PresetSpec, tokenizer: Any) -> Any:
     )
     proc_kwargs: dict[str, Any] = dict(
         tokenizer=tokenizer, patch_size=spec.patch_size, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=chat_template,
     )
     if spec.architecture == "llava":
         return LlavaProcessor(image_processor=CLIPImageProcessorPil(**image_kwargs), **proc_kwargs)
@@ -261,14 +262,17 @@ def _processor(spec: PresetSpec, tokenizer: Any) -> Any:
 
 
 @torch.no_grad()
-def _init_weights(model: torch.nn.Module, spec: PresetSpec) -> None:
+def _init_weights(model: torch.nn.Module, spec: PresetSpec, only: tuple[str, ...] = ()) -> None:
     """Seeded re-initialisation, independent of how transformers initialised the model, so the
     bytes depend only on the spec: N(0, std) for every matrix/conv/embedding and the extra vector
     parameters (std is ``vision_initializer_range`` inside the vision tower, ``initializer_range``
     elsewhere); biases N(0, 0.02) and norm weights 1 + N(0, 0.05), deliberately not 0 and 1, so a
-    re-implemented forward that drops a bias or a norm scale does not match by accident."""
+    re-implemented forward that drops a bias or a norm scale does not match by accident.
+    ``only``: if given, just the parameters whose names start with one of these prefixes."""
     gen = torch.Generator().manual_seed(spec.seed)
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if only and not name.startswith(only):
+            continue
         leaf = name.rsplit(".", 1)[-1]
         noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
         if leaf == "bias":
@@ -282,9 +286,14 @@ def _init_weights(model: torch.nn.Module, spec: PresetSpec) -> None:
 
 def build_preset(name: str, out_dir: str | Path) -> Path:
     """Build preset ``name`` into ``out_dir`` (model weights in float32 safetensors, tokenizer,
-    image processor, processor config and chat template, all via ``save_pretrained``)."""
+    image processor, processor config and chat template, all via ``save_pretrained``).
+    Real-weights presets (``ficoco.real_presets.REAL_PRESETS``) are built by their own module."""
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+    from .real_presets import REAL_PRESETS, build_real_preset
+
+    if name in REAL_PRESETS:
+        return build_real_preset(name, out_dir)
     spec = _spec(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,10 +310,17 @@ def build_preset(name: str, out_dir: str | Path) -> Path:
     return out
 
 
+def preset_names() -> tuple[str, ...]:
+    """Every preset name: the tiny ones (``PRESETS``), then the real-weights ones (``REAL_PRESETS``)."""
+    from .real_presets import REAL_PRESETS
+
+    return (*PRESETS, *REAL_PRESETS)
+
+
 def _spec(name: str) -> PresetSpec:
     """The preset ``name`` or a ModelSourceError naming it."""
     if name not in PRESETS:
-        raise ModelSourceError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ModelSourceError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
     return PRESETS[name]
 
 
@@ -347,20 +363,24 @@ def _build_cached(name: str, cache_root: Path) -> Path:
 def resolve_model_dir(name_or_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Map a checkpoint directory or a preset name to a local directory with ``config.json``.
 
-    A directory containing config.json is returned as is; a preset name is built once into
+    A directory containing config.json is returned as is once ``ficoco.checkpoint`` found its weights,
+    tokenizer and processor files complete and readable; a preset name is built once into
     ``cache_dir`` (else ``$FICOCO_CACHE``, else ``~/.cache/ficoco``); anything else raises
     :class:`ModelSourceError`.
     """
     path = Path(name_or_dir).expanduser()
     if path.is_dir() and _has_config(path):
+        from .checkpoint import check_checkpoint
+
+        check_checkpoint(path)
         return path
-    if str(name_or_dir) in PRESETS:
+    if str(name_or_dir) in preset_names():
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         return _build_cached(str(name_or_dir), root)
     if path.is_dir():
         raise ModelSourceError(f"model directory '{path}' has no readable config.json")
     raise ModelSourceError(
-        f"model '{name_or_dir}' is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json"
+        f"model '{name_or_dir}' is neither a preset ({', '.join(preset_names())}) nor a directory with config.json"
     )
 
 

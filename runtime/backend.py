@@ -11,36 +11,39 @@ to the host, into a buffer the backend owns and overwrites at its next step.
     cache_lengths(cache)                             -> per layer len_i, read from the tensors
     empty_cache(lengths)                             -> a zero cache of those lengths (benchmarks)
 
+Choosing TensorRT (`tensorrt_problem`): the build must have engines, their TensorRT flavour must
+import, a CUDA device and an allocator (cuda-python, or torch built with CUDA) must be present, the
+installed TensorRT must be a supported version, and the engines' TensorRT version and compute
+capabilities (from the manifest) must fit the library and the GPU. `--backend tensorrt` raises
+the first problem as a one-line error; `--backend auto` uses ONNX Runtime instead, and says why in
+one line on stderr whenever a GPU is present (on a machine without one it says nothing).
+
 Backends are imported lazily: `import runtime` never imports onnxruntime, TensorRT or CUDA.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
+import sys
 from typing import Any, Protocol
 
 import numpy as np
 
+from . import device
+from .cuda import cuda_allocator
+from .errors import (  # noqa: F401  (re-exported: the runtime's public error types live here too)
+    HINTS,
+    TRT_MODULES,
+    BackendError,
+    BackendNotInstalledError,
+    EngineMismatchError,
+    has_module,
+    rebuild_hint,
+    trt_install_hint,
+)
 from .manifest import Build, BuildError
 
 ONNXRUNTIME, TENSORRT = "onnxruntime", "tensorrt"
 CHOICES = ("auto", ONNXRUNTIME, TENSORRT)
-TRT_MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx")}
-HINTS = {
-    ONNXRUNTIME: "ONNX Runtime is not installed: pip install onnxruntime (CPU), or pip install 'ficoco-edge[gpu]' (CUDA)",
-    "tensorrt": "TensorRT is not installed: it ships with JetPack; elsewhere pip install 'ficoco-edge[trt]'",
-    "tensorrt-rtx": "TensorRT-RTX is not installed: pip install 'ficoco-edge[rtx]'",
-    "cuda": "the TensorRT backend needs cuda-python (pip install cuda-python) or torch with CUDA for device memory",
-}
-
-
-class BackendNotInstalledError(ValueError):
-    """The requested backend (or what it needs) is not installed; the message names the extra."""
-
-
-class BackendError(RuntimeError):
-    """A backend failed while running a graph; the message names the graph and the shapes."""
 
 
 class Backend(Protocol):
@@ -59,26 +62,10 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def has_module(name: str) -> bool:
-    """Whether `name` can be imported, without importing it (a missing parent package counts as absent)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def cuda_devices() -> int:
     """CUDA devices the driver reports (0 without a driver); asks libcuda through ctypes, imports nothing."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    return 0
+    found = device.driver()
+    return found.devices if found else 0
 
 
 def trt_flavour(build: Build) -> str:
@@ -87,30 +74,55 @@ def trt_flavour(build: Build) -> str:
     if flavour is None:
         raise BuildError(
             f"{str(build.directory)!r} has no TensorRT engines; compile them on the device with "
-            f"python -m export.build --from-onnx {build.directory} --backend tensorrt (or tensorrt-rtx)"
+            f"{rebuild_hint(build.directory)} (or tensorrt-rtx)"
         )
     if flavour not in TRT_MODULES:
         raise BuildError(f"{str(build.directory)!r}: unknown TensorRT flavour {flavour!r} in its manifest")
     return flavour
 
 
-def tensorrt_usable(build: Build) -> bool:
-    """`auto`'s test: engines in the build, their TensorRT module, device memory and a CUDA device."""
-    flavour = build.tensorrt_flavour
-    if flavour not in TRT_MODULES or not any(has_module(m) for m in TRT_MODULES[flavour]):
-        return False
-    if not (has_module("cuda.bindings") or has_module("cuda.cudart") or has_module("torch")):
-        return False
-    return cuda_devices() > 0
+def tensorrt_problem(build: Build) -> Exception | None:
+    """Why TensorRT cannot run this build's engines here, as the error `--backend tensorrt` raises; None if it can."""
+    try:
+        flavour = trt_flavour(build)
+    except BuildError as error:
+        return error
+    if not any(has_module(m) for m in TRT_MODULES[flavour]):
+        return BackendNotInstalledError(trt_install_hint(flavour, build.directory))
+    found = device.driver()
+    if found is None or found.devices < 1:
+        return BackendNotInstalledError("no CUDA device is visible; the TensorRT backend needs one (use --backend onnxruntime)")
+    if not cuda_allocator():
+        return BackendNotInstalledError(HINTS["cuda"])
+    from . import backend_trt
+
+    try:
+        installed = str(backend_trt.import_trt(flavour, build.directory).__version__)
+    except BackendNotInstalledError as error:
+        return error
+    if (problem := device.trt_version_problem(flavour, installed)) is not None:
+        return BackendNotInstalledError(problem)
+    section = build.manifest.get("tensorrt") or {}
+    if (problem := device.engine_problem(section, installed, found.compute_capability)) is not None:
+        return EngineMismatchError(f"{problem}; rebuild them here: {rebuild_hint(build.directory, flavour)}")
+    return None
 
 
 def resolve(choice: str, build: Build) -> str:
-    """"auto" -> "tensorrt" or "onnxruntime"; anything else is checked and returned."""
+    """"auto" -> "tensorrt" or "onnxruntime" (with one line on stderr saying why not TensorRT, where a GPU is);
+    "tensorrt" -> "tensorrt", or the one-line error of `tensorrt_problem`."""
     if choice not in CHOICES:
         raise BackendNotInstalledError(f"unknown backend {choice!r}; choose one of {', '.join(CHOICES)}")
-    if choice != "auto":
+    if choice == ONNXRUNTIME:
         return choice
-    return TENSORRT if tensorrt_usable(build) else ONNXRUNTIME
+    problem = tensorrt_problem(build)
+    if problem is None:
+        return TENSORRT
+    if choice == TENSORRT:
+        raise problem
+    if cuda_devices() > 0:
+        print(f"note: using ONNX Runtime, not TensorRT: {' '.join(str(problem).split())}", file=sys.stderr, flush=True)
+    return ONNXRUNTIME
 
 
 def open_backend(choice: str, build: Build, verify_files: bool = True) -> Backend:
@@ -124,9 +136,8 @@ def open_backend(choice: str, build: Build, verify_files: bool = True) -> Backen
         from .backend_ort import OrtBackend
 
         return OrtBackend(build)
-    flavour = trt_flavour(build)
     if verify_files:
         build.check("engines")
     from .backend_trt import TensorRTBackend
 
-    return TensorRTBackend(build, flavour)
+    return TensorRTBackend(build, trt_flavour(build))

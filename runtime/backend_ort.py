@@ -28,7 +28,7 @@ import numpy as np
 from runtime import names
 
 from .backend import HINTS, BackendError, BackendNotInstalledError
-from .manifest import Build, BuildError
+from .manifest import MAX_SEQ_LEN_KEY, Build, BuildError
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
            "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -85,6 +85,10 @@ class OrtBackend:
                 self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph types
                 raise BuildError(f"ONNX Runtime cannot load {str(path)!r}: {' '.join(str(error).split())[:300]}") from None
+            session = self.sessions[graph]  # the graph's own I/O and recorded max_seq_len against the manifest
+            recorded = session.get_modelmeta().custom_metadata_map.get(MAX_SEQ_LEN_KEY)
+            build.check_io(graph, [(t.name, t.shape, t.type) for t in [*session.get_inputs(), *session.get_outputs()]],
+                           int(recorded) if recorded and recorded.isdigit() else None)
         self.name = f"onnxruntime {ort.__version__} ({providers[0]})"
         self.bindings = {graph: session.io_binding() for graph, session in self.sessions.items()}
         self.types = {graph: {t.name: t.type for t in [*s.get_inputs(), *s.get_outputs()]} for graph, s in self.sessions.items()}

@@ -2,7 +2,13 @@
 
 Both are imported only when the TensorRT backend is created. Pointers are plain ints (what
 `IExecutionContext.set_tensor_address` takes); a stream is its int handle (what
-`execute_async_v3` takes). Host arrays must be C-contiguous and stay alive until `sync`.
+`execute_async_v3` takes). Host arrays must be C-contiguous and stay alive until `sync`. `close`
+synchronizes and destroys the stream; the caller frees its buffers first.
+
+cuda-python must match the driver's CUDA major: cuda-python 13.x needs a CUDA 13 driver (Jetson Thor,
+JetPack 7; RTX with a recent driver), JetPack 6 has CUDA 12.6 and needs cuda-python 12.x. The
+mismatch is found before the first CUDA call (the driver's version from libcuda against the
+bindings' version) and again from cudaErrorInsufficientDriver, and reported in one line with the fix.
 
 NOT EXECUTED in this repository's CI or development machine (no GPU there): written against
 cuda-python 12.x/13.x (`cuda.bindings.runtime`, or the older `cuda.cudart`) and torch 2.x.
@@ -10,11 +16,13 @@ cuda-python 12.x/13.x (`cuda.bindings.runtime`, or the older `cuda.cudart`) and 
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import HINTS, BackendError, BackendNotInstalledError
+from .device import Driver, driver, torch_has_cuda
+from .errors import HINTS, BackendError, BackendNotInstalledError, has_module
 
 
 class Cuda(Protocol):
@@ -32,20 +40,55 @@ class Cuda(Protocol):
 
     def sync(self) -> None: ...
 
+    def close(self) -> None: ...
+
     @property
     def stream(self) -> int: ...
+
+
+def bindings_version() -> str | None:
+    """The installed CUDA Python bindings' version: cuda-bindings (cuda-python >= 12.6 splits it out) or cuda-python."""
+    for package in ("cuda-bindings", "cuda-python"):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def driver_mismatch(bindings: str | None, found: Driver | None) -> str | None:
+    """One line with the fix when the bindings target a newer CUDA major than the driver supports; else None."""
+    if not bindings or found is None or not bindings.split(".")[0].isdigit():
+        return None
+    major, driver_major = int(bindings.split(".")[0]), found.cuda_version // 1000
+    if major <= driver_major:
+        return None
+    return (f"cuda-python {bindings} is built for CUDA {major}, but this driver supports CUDA {found.cuda} "
+            f"(cudaErrorInsufficientDriver); install the bindings for CUDA {driver_major}: "
+            f"pip install 'cuda-python>={driver_major}.0,<{driver_major + 1}' (or 'ficoco-edge[cuda{driver_major}]')")
 
 
 class CudaPython:
     """cuda-python: cudaMalloc / cudaMemcpyAsync / cudaMemsetAsync on one stream of its own."""
 
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-        except ImportError:
-            from cuda import cudart  # older cuda-python
-        self.rt, self.name = cudart, "cuda-python"
-        self._check(cudart.cudaFree(0), "cudaFree(0)")  # creates the primary context
+    def __init__(self, cudart: Any = None, found: Driver | None = None, bindings: str | None = None) -> None:
+        found = found if found is not None else driver()
+        bindings = bindings if bindings is not None else bindings_version()
+        if (problem := driver_mismatch(bindings, found)) is not None:
+            raise BackendNotInstalledError(problem)
+        if cudart is None:
+            try:
+                from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+            except ImportError:
+                from cuda import cudart  # older cuda-python
+        self.rt, self.name, self._stream = cudart, f"cuda-python {bindings or ''}".strip(), None
+        error, *_ = cudart.cudaFree(0)  # creates the primary context
+        if error == cudart.cudaError_t.cudaErrorInsufficientDriver:
+            raise BackendNotInstalledError(
+                driver_mismatch(bindings, found) or f"cuda-python {bindings} needs a newer CUDA driver than "
+                f"this one ({found.cuda if found else 'unknown'}); install cuda-python of the driver's CUDA major"
+            )
+        self._check((error,), "cudaFree(0)")
         self._stream = self._check(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
     def _check(self, result: Any, what: str) -> Any:
@@ -54,7 +97,7 @@ class CudaPython:
         if error != self.rt.cudaError_t.cudaSuccess:
             _, text = self.rt.cudaGetErrorString(error)
             raise BackendError(f"CUDA {what} failed: {text.decode() if isinstance(text, bytes) else text}")
-        return values[0] if len(values) == 1 else tuple(values)
+        return values[0] if len(values) == 1 else tuple(values) or None
 
     @property
     def stream(self) -> int:
@@ -79,6 +122,13 @@ class CudaPython:
 
     def sync(self) -> None:
         self._check(self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        """Synchronize and destroy the stream (idempotent)."""
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            self._check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            self._check(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
 
 
 class TorchCuda:
@@ -122,13 +172,20 @@ class TorchCuda:
     def sync(self) -> None:
         self._stream.synchronize()
 
+    def close(self) -> None:
+        self._stream.synchronize()
+        self.blocks.clear()
+
 
 def open_cuda() -> Cuda:
-    """cuda-python if installed, else torch; BackendNotInstalledError naming what to install."""
-    from .backend import has_module
-
+    """cuda-python if installed, else a CUDA build of torch; BackendNotInstalledError naming what to install."""
     if has_module("cuda.bindings") or has_module("cuda.cudart"):
         return CudaPython()
-    if has_module("torch"):
+    if torch_has_cuda():
         return TorchCuda()
     raise BackendNotInstalledError(HINTS["cuda"])
+
+
+def cuda_allocator() -> bool:
+    """Whether `open_cuda` has something to open: cuda-python, or torch built with CUDA (a CPU torch does not count)."""
+    return has_module("cuda.bindings") or has_module("cuda.cudart") or torch_has_cuda()

@@ -44,9 +44,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def utf8_text(value: str, flag: str) -> str:
+    """A command-line string that was valid UTF-8; Python keeps undecodable argv bytes as lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = value[error.start:error.end]
+        try:
+            shown = repr(bad.encode("utf-8", "surrogateescape"))  # the bytes as they were given
+        except UnicodeEncodeError:
+            shown = ascii(bad)
+        raise PromptError(f"{flag} is not UTF-8 text: {shown} at character {error.start}") from None
+    return value
+
+
 def run(args: argparse.Namespace) -> dict:
     """Open the build, answer once; returns the JSON record."""
     from .pipeline import Pipeline
+
+    utf8_text(args.prompt, "--prompt")
 
     sink = sys.stderr if args.json else sys.stdout
 
@@ -75,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(record))

@@ -25,6 +25,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from . import names
 
 SCHEMA = "ficoco-build"
 SCHEMA_VERSION = 1
@@ -78,16 +81,41 @@ def read(directory: str | Path) -> dict:
     return manifest
 
 
-def check_files(directory: str | Path, entries: dict) -> None:
+def plain_name(value: object, where: str) -> str:
+    """A file name the manifest lists: a plain name inside the build (no directories, no '..'), else BuildError."""
+    if (not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value
+            or value != value.strip()):
+        raise BuildError(f"manifest: {where} file {value!r} is not a plain file name inside the build")
+    return value
+
+
+def file_items(entries: object, kind: str) -> list[tuple[str, dict]]:
+    """[(label, {file, sha256, ...})] of a manifest section ({name: entry} with optional external_data),
+    each checked for shape and a plain file name; BuildError on anything mangled."""
+    if not isinstance(entries, dict):
+        raise BuildError(f"manifest: {kind} must be a mapping of entries, got {type(entries).__name__}")
+    items = []
+    for label, entry in entries.items():
+        extra = entry.get("external_data", []) if isinstance(entry, dict) else None
+        if not isinstance(extra, list):
+            raise BuildError(f"manifest: {kind}.{label} must be an entry with file and sha256, got {entry!r:.80}")
+        for item in [entry, *extra]:
+            if not isinstance(item, dict) or not isinstance(item.get("sha256"), str):
+                raise BuildError(f"manifest: {kind}.{label} has an entry without a sha256: {item!r:.80}")
+            plain_name(item.get("file"), f"{kind}.{label}")
+            items.append((str(label), item))
+    return items
+
+
+def check_files(directory: str | Path, entries: dict, kind: str = "graphs") -> None:
     """Raise BuildError if a listed file (or its external data) is missing or fails its sha256."""
     directory = Path(directory)
-    for graph, entry in entries.items():
-        for item in [entry, *entry.get("external_data", [])]:
-            path = directory / item["file"]
-            if not path.is_file():
-                raise BuildError(f"{graph}: {str(path)!r} is missing")
-            if sha256_file(path) != item["sha256"]:
-                raise BuildError(f"{graph}: {str(path)!r} fails its sha256 check (altered or truncated)")
+    for graph, item in file_items(entries, kind):
+        path = directory / item["file"]
+        if not path.is_file():
+            raise BuildError(f"{graph}: {str(path)!r} is missing")
+        if sha256_file(path) != item["sha256"]:
+            raise BuildError(f"{graph}: {str(path)!r} fails its sha256 check (altered or truncated)")
 
 
 def write(directory: Path, manifest: dict) -> Path:
@@ -100,6 +128,40 @@ def write(directory: Path, manifest: dict) -> Path:
 # ---------------------------------------------------------------- read side: what the runtime uses
 
 ARCHITECTURES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# element types as ONNX Runtime ("tensor(float)") and TensorRT ("FLOAT", "DataType.HALF") spell them -> numpy names
+_TYPE_NAMES = {"float": "float32", "float32": "float32", "half": "float16", "float16": "float16", "bf16": "bfloat16",
+               "bfloat16": "bfloat16", "double": "float64", "int64": "int64", "int32": "int32"}
+MAX_SEQ_LEN_KEY = "ficoco.max_seq_len"  # ONNX metadata_props entry: the max_seq_len a graph was exported for
+
+
+def dtype_name(value: object) -> str:
+    """A tensor element type in numpy's spelling, from ONNX Runtime's, TensorRT's or numpy's."""
+    text = str(value).split(".")[-1].lower()
+    text = text[len("tensor("):-1] if text.startswith("tensor(") else text
+    return _TYPE_NAMES.get(text, text)
+
+
+def tokenizer_files(manifest: dict) -> dict:
+    """{file: entry} of the manifest's tokenizer files, each checked like a graph entry."""
+    section = manifest.get("tokenizer") or {}
+    files = section.get("files", []) if isinstance(section, dict) else None
+    if not isinstance(files, list):
+        raise BuildError(f"manifest: tokenizer.files must be a list of entries, got {files!r:.80}")
+    entries = {str(item.get("file")) if isinstance(item, dict) else str(i): item for i, item in enumerate(files)}
+    file_items(entries, "tokenizer")
+    return entries
+
+
+def _preprocess(settings: object) -> Any:
+    from .preprocess import PreprocessConfig
+
+    if not isinstance(settings, dict):
+        raise BuildError(f"manifest: preprocess must be a mapping of image-processor settings, got {settings!r:.80}")
+    try:
+        return PreprocessConfig.from_dict(settings)
+    except (ValueError, TypeError, KeyError) as error:
+        raise BuildError(f"manifest: unusable preprocess settings: {error}") from None
 
 
 def _positive(**values: object) -> None:
@@ -129,6 +191,7 @@ class Build:
     language_steps: tuple[tuple[int, int, int], ...]  # FiCoCo-L (layer, tokens in, tokens out)
     max_seq_len: int
     precision: str
+    preprocess: Any = field(repr=False, compare=False)  # runtime.preprocess.PreprocessConfig of the manifest
 
     def __post_init__(self) -> None:
         _positive(layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, vocab=self.vocab,
@@ -148,16 +211,23 @@ class Build:
         for layer, tokens_in, tokens_out in self.language_steps:
             if not (0 <= layer < self.layers and 0 < tokens_out <= tokens_in <= self.visual_tokens):
                 raise BuildError(f"manifest: FiCoCo-L step {(layer, tokens_in, tokens_out)} is out of range")
+        if self.precision not in FLOAT_DTYPES:
+            raise BuildError(f"manifest: precision {self.precision!r} is not one of {sorted(FLOAT_DTYPES)}")
+        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab for i in self.eos_token_ids):
+            raise BuildError(f"manifest: eos_token_ids {sorted(self.eos_token_ids, key=str)} are not token ids below vocab {self.vocab}")
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Build:
         """read() the manifest and pull out the runtime's facts; BuildError on anything missing."""
         directory = Path(directory)
         manifest = read(directory)
+        for kind in ("graphs", "engines"):
+            file_items(manifest.get(kind) or {}, kind)
+        tokenizer_files(manifest)
         try:
             text, schedule = manifest["source"]["text"], manifest["schedule"]
             architecture = manifest["source"]["architecture"]
-            return cls(
+            build = cls(
                 directory=directory, manifest=manifest,
                 architecture=ARCHITECTURES.get(architecture, architecture),
                 layers=text["layers"], kv_heads=text["kv_heads"], head_dim=text["head_dim"], vocab=text["vocab"],
@@ -167,9 +237,63 @@ class Build:
                 visual_tokens=schedule["visual_tokens"],
                 language_steps=tuple(tuple(step) for step in schedule["language"]),
                 max_seq_len=manifest["max_seq_len"], precision=manifest["precision"],
+                preprocess=_preprocess(manifest["preprocess"]),
             )
-        except (KeyError, TypeError, IndexError) as error:
+        except (KeyError, TypeError, IndexError, ValueError) as error:
+            if isinstance(error, BuildError):
+                raise
             raise BuildError(f"{str(directory / FILENAME)!r} lacks or mangles {error}") from None
+        build.check_eos()
+        return build
+
+    def check_eos(self) -> None:
+        """The manifest's EOS ids against the build's own generation_config.json (when it has one)."""
+        path = self.directory / "generation_config.json"
+        if not path.is_file():
+            return
+        try:
+            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as error:
+            raise BuildError(f"cannot read {str(path)!r}: {error}") from None
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if eos and eos != set(self.eos_token_ids):
+            raise BuildError(f"manifest: eos_token_ids {sorted(self.eos_token_ids)} differ from {sorted(eos, key=str)} "
+                             f"in the build's generation_config.json")
+
+    def expected_io(self, graph: str) -> dict[str, tuple[list, str]]:
+        """{tensor: (shape, dtype)} a graph must have for this manifest; None in a shape: any (dynamic) size."""
+        f, i64 = FLOAT_DTYPES[self.precision], "int64"
+        features = ([self.crops, self.kept_per_crop, None], f)
+        logits = {names.LOGITS: ([1, self.vocab], f)}
+
+        def cache(prefix) -> dict:
+            return {n: ([1, self.kv_heads, None, self.head_dim], f) for n in names.cache_names(prefix, self.layers)}
+
+        if graph == names.VISION:
+            return {names.PIXEL_VALUES: ([self.crops, 3, *self.preprocess.crop_hw], f), names.IMAGE_FEATURES: features,
+                    names.KEPT_POSITIONS: ([self.crops, self.kept_per_crop], i64)}
+        if graph == names.PREFILL:
+            return {names.INPUT_IDS_BEFORE: ([1, None], i64), names.IMAGE_FEATURES: features,
+                    names.INPUT_IDS_AFTER: ([1, None], i64), **logits, **cache(names.present)}
+        return {names.INPUT_IDS: ([1, 1], i64), names.POSITION_IDS: ([1, 1], i64), **cache(names.past),
+                **logits, **cache(names.present)}
+
+    def check_io(self, graph: str, tensors: list[tuple[str, list, object]], max_seq_len: int | None = None) -> None:
+        """A graph's own I/O (name, shape, dtype), as the backend loaded it, against `expected_io`; and the
+        max_seq_len the graph records (ONNX metadata, a TensorRT profile's max), if it records one."""
+        found = {name: ([d if isinstance(d, int) and d >= 0 else None for d in shape], dtype_name(t)) for name, shape, t in tensors}
+        for name, (shape, dtype) in self.expected_io(graph).items():
+            if name not in found:
+                raise BuildError(f"{graph}: the graph has no {name!r}, which this build's manifest implies")
+            got_shape, got_dtype = found[name]
+            fits = len(got_shape) == len(shape) and all(e is None or e == g for e, g in zip(shape, got_shape))
+            if not fits or got_dtype != dtype:
+                want = [e if e is not None else "*" for e in shape]
+                got = [g if g is not None else "*" for g in got_shape]
+                raise BuildError(f"{graph}.{name}: the graph takes {got_dtype} {got}, but the manifest implies {dtype} {want} "
+                                 f"(precision, preprocess crop_size, schedule or source.text changed?)")
+        if max_seq_len is not None and max_seq_len != self.max_seq_len:
+            raise BuildError(f"manifest: max_seq_len {self.max_seq_len} differs from the {max_seq_len} {graph} was built for")
 
     @property
     def after_ficoco_l(self) -> int:
@@ -195,18 +319,15 @@ class Build:
         return section.get("flavour") if self.engines else None
 
     def path(self, kind: str, graph: str) -> Path:
-        """The file of graph `graph` in `kind` ("graphs": ONNX, "engines": TensorRT)."""
+        """The file of graph `graph` in `kind` ("graphs": ONNX, "engines": TensorRT), a plain name inside the build."""
         entries = self.manifest.get(kind) or {}
         if graph not in entries:
             raise BuildError(f"{str(self.directory)!r} has no {graph} in its manifest's {kind!r}")
-        return self.directory / entries[graph]["file"]
+        return self.directory / plain_name(entries[graph]["file"], f"{kind}.{graph}")
 
     def check(self, kind: str) -> None:
         """sha256 of the files of `kind` ("graphs", "engines" or "tokenizer") against the manifest."""
-        if kind == "tokenizer":
-            entries = {item["file"]: item for item in (self.manifest.get("tokenizer") or {}).get("files", [])}
-        else:
-            entries = self.manifest.get(kind) or {}
+        entries = tokenizer_files(self.manifest) if kind == "tokenizer" else self.manifest.get(kind) or {}
         if not entries:
             raise BuildError(f"{str(self.directory)!r} lists no {kind} in its manifest")
-        check_files(self.directory, entries)
+        check_files(self.directory, entries, kind)

@@ -121,11 +121,7 @@ class Pipeline:
             build.check("tokenizer")
         image_token = (build.manifest.get("tokenizer") or {}).get("image_token") or "<image>"
         tokenizer = ChatTokenizer.from_directory(build.directory, image_token)
-        try:
-            config = PreprocessConfig.from_dict(build.manifest["preprocess"])
-        except (KeyError, ValueError) as error:
-            raise BuildError(f"{str(build.directory)!r}: unusable preprocess settings in the manifest: {error}") from None
-        return cls(build, open_backend(backend, build, verify_files), tokenizer, config)
+        return cls(build, open_backend(backend, build, verify_files), tokenizer, build.preprocess)
 
     def prepare(self, image: ImageInput, prompt: str, max_new_tokens: int) -> tuple[Pixels, PromptIds]:
         """Check and preprocess the inputs; PromptError / ImageError / BuildError say what is wrong."""

@@ -167,10 +167,19 @@ class ChatTokenizer:
             tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as error:  # tokenizers raises plain Exception
             raise BuildError(f"cannot load {str(directory / 'tokenizer.json')!r}: {error}") from None
+        import jinja2
+
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        specials = {k: t for k, v in config.items() if k.endswith("_token") and (t := _token_text(v)) is not None}
-        return cls(tokenizer, read_template(directory), image_token, specials)
+        try:  # the build's files as they enter (with --no-verify no sha256 has vouched for them)
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path.name} holds {type(config).__name__}, not a JSON object")
+            specials = {k: t for k, v in config.items() if k.endswith("_token") and (t := _token_text(v)) is not None}
+            return cls(tokenizer, read_template(directory), image_token, specials)
+        except PromptError:
+            raise
+        except (OSError, ValueError, AttributeError, jinja2.TemplateError) as error:  # JSON and UTF-8 errors are ValueErrors
+            raise BuildError(f"{str(directory)!r}: unusable tokenizer config or chat template: {' '.join(str(error).split())[:200]}") from None
 
     def render(self, prompt: str) -> str:
         """The chat text for one user turn: an image, then `prompt`, then the assistant's cue."""
@@ -178,10 +187,15 @@ class ChatTokenizer:
             raise PromptError(f"the prompt is empty ({prompt!r}); ask something about the image")
         if self.image_token in prompt:
             raise PromptError(f"the prompt must not contain the image token {self.image_token!r}; the image comes first")
+        import jinja2
+
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.template.render(
-            messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.specials
-        )
+        try:
+            return self.template.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=True, **self.specials
+            )
+        except jinja2.TemplateError as error:  # raise_exception() in the template, or a template that cannot render
+            raise PromptError(f"the build's chat template refused the prompt: {' '.join(str(error).split())[:200]}") from None
 
     def encode(self, prompt: str) -> PromptIds:
         """Render, encode whole (with the post-processor's BOS), split around the one image token."""

@@ -1,11 +1,14 @@
-"""export.engine: flavour loading, spec checks, command lines, and real TensorRT-RTX builds on the CPU.
+"""export.engine: flavour loading, supported versions, spec checks, command lines, and real builds on the CPU.
 
-The build tests need TensorRT-RTX (the `rtx` extra) and skip without it; the rest run anywhere.
+The build tests need TensorRT-RTX (the `rtx` extra) and skip without it; the rest run anywhere. Standard
+TensorRT cannot be installed here; its code path (strongly typed network, no compute-capability
+targets) is run through TensorRT-RTX's bindings, which share the TensorRT 10 builder API.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +21,7 @@ from export.engine import (
     EngineSpec,
     Flavour,
     Profile,
-    _apply_precision,
+    UnsupportedVersionError,
     build_engine,
     load_flavour,
     trtexec_command,
@@ -109,6 +112,30 @@ def test_auto_falls_back_to_rtx(monkeypatch: pytest.MonkeyPatch, rtx: Flavour) -
     assert flavour == rtx and flavour.is_rtx and flavour.version.startswith("1.")
 
 
+@pytest.mark.parametrize(("version", "supported"), [("10.3.0", True), ("10.13.3.9", True), ("8.6.2", False), ("11.4.0", False)])
+def test_only_tensorrt_10_is_supported(monkeypatch: pytest.MonkeyPatch, version: str, supported: bool) -> None:
+    """JetPack 6.0's TensorRT 8.6 (and any major this project was not written against) is refused in one line."""
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__=version))
+    if supported:
+        assert load_flavour("tensorrt").version == version
+        return
+    with pytest.raises(UnsupportedVersionError) as info:
+        load_flavour("tensorrt")
+    message = str(info.value)
+    assert "\n" not in message and f"tensorrt {version} is not supported" in message and "TensorRT 10.x" in message
+    assert ("JetPack 6.0 ships TensorRT 8.6" in message) == version.startswith("8.")
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(BackendNotInstalledError, match=f"tensorrt {version} is not supported"):
+        load_flavour("auto")  # auto says why the installed TensorRT was passed over
+
+
+def test_rtx_2_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", SimpleNamespace(__version__="2.0.0"))
+    with pytest.raises(UnsupportedVersionError, match="TensorRT-RTX 1.x"):
+        load_flavour("tensorrt-rtx")
+
+
 # --- specs and command lines ----------------------------------------------------------------
 
 
@@ -122,7 +149,7 @@ def test_auto_falls_back_to_rtx(monkeypatch: pytest.MonkeyPatch, rtx: Flavour) -
         {"profiles": {"x": ((1, 4), (1, 8, 16), (1, 64, 16))}},  # ranks differ
         {"profiles": {"x": ((1, 4, 16), (1, 8, 16))}},  # not a triple
         {"engine_path": "m.onnx"},
-        {"fp32_layers": "norm("},
+        {"compute_capabilities": ("current", "8.6")},  # the current GPU, or a list of targets, not both
     ],
 )
 def test_spec_rejects_bad_values(kwargs: dict) -> None:
@@ -135,16 +162,22 @@ def test_spec_normalises_profiles_and_paths() -> None:
     spec = EngineSpec("m.onnx", "m.engine", PROFILES, compute_capabilities=["8.6", "12.0"])
     assert spec.profiles["x"] == Profile(*SEQ) and spec.engine_path == Path("m.engine")
     assert spec.compute_capabilities == ("8.6", "12.0") and hash(spec)
+    assert EngineSpec("m.onnx", "m.engine", compute_capabilities=["current"]).compute_capabilities == ("current",)
 
 
-def test_trtexec_command_for_standard_tensorrt_fp16() -> None:
-    spec = EngineSpec("m.onnx", "out dir/m.engine", PROFILES, precision="fp16")
-    cmd = trtexec_command(spec, Flavour("tensorrt", None, "10.3.0"), ["node_layer_norm"])
+def test_engine_build_error_is_one_line_with_the_first_errors() -> None:
+    error = EngineBuildError("tensorrt could not build m.onnx", ["a\n  b", "c", "d", "e"])
+    assert str(error) == "tensorrt could not build m.onnx: a b; c; d; and 1 more" and error.errors[0] == "a b"
+
+
+def test_trtexec_command_for_standard_tensorrt_is_strongly_typed_and_relative() -> None:
+    spec = EngineSpec("/b/m.onnx", "/b/out dir/m.engine", PROFILES, precision="fp16")
+    cmd = trtexec_command(spec, Flavour("tensorrt", None, "10.3.0"), ["8.7"], base=Path("/b"))
     assert cmd.startswith("trtexec --onnx=m.onnx '--saveEngine=out dir/m.engine'")
-    for part in ("--minShapes=x:1x4x16", "--optShapes=x:1x8x16", "--maxShapes=x:1x64x16", "--fp16",
-                 "--precisionConstraints=obey", "--layerPrecisions=node_layer_norm:fp32"):
+    for part in ("--minShapes=x:1x4x16", "--optShapes=x:1x8x16", "--maxShapes=x:1x64x16", "--stronglyTyped", "--skipInference"):
         assert part in cmd
-    assert "# add --layerPrecisions" in trtexec_command(spec, Flavour("tensorrt", None, "10.3.0"))
+    assert "--fp16" not in cmd and "--layerPrecisions" not in cmd and "--computeCapabilities" not in cmd
+    assert "/b/m.onnx" in trtexec_command(spec, Flavour("tensorrt", None, "10.3.0"))  # no base: as given
 
 
 def test_trtexec_command_for_rtx_has_shapes_and_targets_but_no_precision_flags() -> None:
@@ -152,36 +185,10 @@ def test_trtexec_command_for_rtx_has_shapes_and_targets_but_no_precision_flags()
     cmd = trtexec_command(spec, Flavour("tensorrt-rtx", None, "1.7.1"))
     assert cmd.startswith("tensorrt_rtx --onnx=m.onnx --saveEngine=m.engine")
     assert "--minShapes=x:1x4x16 --optShapes=x:1x8x16 --maxShapes=x:1x64x16" in cmd
-    assert "--computeCapabilities=86,120" in cmd and "--fp16" not in cmd
-
-
-def test_standard_tensorrt_fp16_pins_norms_and_softmax_to_fp32() -> None:
-    """Weak typing (standard TensorRT only; checked with stand-ins, it is not installable here)."""
-    dt = SimpleNamespace(FLOAT="f32", HALF="f16", BF16="bf16", INT32="i32")
-    trt = SimpleNamespace(
-        DataType=dt, float32="f32",
-        LayerType=SimpleNamespace(NORMALIZATION="norm", SOFTMAX="softmax", OTHER="other"),
-        BuilderFlag=SimpleNamespace(FP16="FP16", BF16="BF16", OBEY_PRECISION_CONSTRAINTS="OBEY"),
-    )
-
-    class Layer(SimpleNamespace):
-        num_outputs = 1
-
-        def get_output(self, j: int) -> SimpleNamespace:
-            return SimpleNamespace(dtype=self.out)
-
-        def set_output_type(self, j: int, dtype: str) -> None:
-            self.out_type = dtype
-
-    layers = [Layer(name="node_layer_norm", type="norm", out=dt.FLOAT), Layer(name="a", type="softmax", out=dt.FLOAT),
-              Layer(name="b", type="other", out=dt.FLOAT), Layer(name="rms_norm_shape", type="other", out=dt.INT32)]
-    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
-    config = SimpleNamespace(flags=[], set_flag=lambda f: config.flags.append(f))
-    spec = EngineSpec("m.onnx", "m.engine", precision="fp16")
-    pinned = _apply_precision(Flavour("tensorrt", trt, "10.3"), config, network, spec, log=lambda m: None)
-    assert pinned == ["node_layer_norm", "a"] and config.flags == ["FP16", "OBEY"]
-    assert [getattr(layer, "precision", None) for layer in layers] == ["f32", "f32", None, None]
-    assert layers[0].out_type == "f32" and not hasattr(layers[2], "out_type")
+    assert "--computeCapabilities=86,120" in cmd and "--fp16" not in cmd and "--stronglyTyped" not in cmd
+    current = EngineSpec("m.onnx", "m.engine", PROFILES, compute_capabilities=("current",))
+    assert "--computeCapabilities=89 " in trtexec_command(current, Flavour("tensorrt-rtx", None, "1.7.1"), ["8.9"])
+    assert "--computeCapabilities" not in trtexec_command(current, Flavour("tensorrt-rtx", None, "1.7.1"), ["current"])
 
 
 # --- real TensorRT-RTX builds ---------------------------------------------------------------
@@ -279,3 +286,60 @@ def test_unknown_compute_capability_lists_the_known_ones(
     spec = EngineSpec(toy_onnx["fp32"], tmp_path / "m.engine", PROFILES, compute_capabilities=("9.0",))
     with pytest.raises(EngineBuildError, match=r"cannot target \['9.0'\].*'8.6'"):
         build_engine(spec, rtx, log=lambda m: None)
+
+
+def test_standard_tensorrt_path_builds_strongly_typed(rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path) -> None:
+    """The standard-TensorRT code path (STRONGLY_TYPED network flag, no builder precision flags, no targets),
+    run through TensorRT-RTX's bindings: an fp16 ONNX gives an fp16 engine; an fp32 ONNX cannot be built as fp16."""
+    standard = Flavour("tensorrt", rtx.module, "10.13.0")
+    lines: list[str] = []
+    spec = EngineSpec(toy_onnx["fp16"], tmp_path / "toy.engine", PROFILES, "fp16", ("8.6",))
+    report = build_engine(spec, standard, log=lines.append, base=toy_onnx["fp16"].parent)
+    assert report["inputs"][0]["dtype"] == "float16" and report["outputs"][1]["dtype"] == "float16"
+    assert report["compute_capabilities"] == ["local"]  # standard TensorRT builds for the local GPU (none here)
+    args = shlex.split(report["trtexec"])
+    assert args[:2] == ["trtexec", "--onnx=toy_fp16.onnx"] and "--stronglyTyped" in args and "--fp16" not in args
+    assert any("compute capabilities ('8.6',) ignored" in line for line in lines)
+    assert any("strongly typed fp16" in line for line in lines)
+    with pytest.raises(EngineBuildError, match="builds strongly typed.*'float32'.*precision 'fp16'"):
+        build_engine(EngineSpec(toy_onnx["fp32"], tmp_path / "m.engine", PROFILES, "fp16"), standard, log=lines.append)
+    _assert_nothing_written(tmp_path / "m.engine")
+
+
+def test_tensorrt_log_reaches_the_build_log(rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path) -> None:
+    """TensorRT's warnings and errors go to build_engine's `log` (build.log), tagged with the flavour."""
+    from export.engine import _logger
+
+    lines: list[str] = []
+    build_engine(EngineSpec(toy_onnx["fp32"], tmp_path / "toy.engine", PROFILES, compute_capabilities=("8.6",)), rtx,
+                 log=lines.append)
+    logger, collector = _logger(rtx)
+    logger.log(rtx.module.ILogger.WARNING, "a warning from TensorRT")
+    logger.log(rtx.module.ILogger.INFO, "chatter")
+    assert lines[-1] == "[tensorrt-rtx] a warning from TensorRT" and not any("chatter" in line for line in lines)
+
+
+def test_rtx_engine_header_and_memory_mapped_loading(rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path) -> None:
+    """What runtime.backend_trt does before and while loading, against the real TensorRT-RTX runtime:
+    get_engine_validity reads only the header (a zeroed one is MALFORMED_ENGINE; a good one is VALID on a
+    GPU, INVALID with no diagnostic flag where there is none), and deserialize_cuda_engine takes the
+    read-only memory map (no bytes copy) and returns None without a GPU rather than raising."""
+    from runtime.backend_trt import _deserialize
+    from runtime.device import driver
+
+    trt = rtx.module
+    engine = tmp_path / "toy.engine"
+    build_engine(EngineSpec(toy_onnx["fp16"], engine, PROFILES, "fp16", ("8.6", "8.9", "12.0")), rtx, log=lambda m: None)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.INTERNAL_ERROR))
+    broken, flags = runtime.get_engine_validity(b"\0" * runtime.engine_header_size)
+    assert broken == trt.EngineValidity.INVALID and int(flags) & int(trt.EngineInvalidityDiagnostics.MALFORMED_ENGINE)
+    validity, diagnostics = runtime.get_engine_validity(engine.read_bytes()[: runtime.engine_header_size])
+    gpu = driver()
+    if gpu is None or gpu.devices == 0:
+        assert (validity, int(diagnostics)) == (trt.EngineValidity.INVALID, 0)
+        assert _deserialize(runtime, engine) is None
+    elif gpu.compute_capability in ("8.6", "8.9", "12.0"):
+        assert validity != trt.EngineValidity.INVALID
+        assert _deserialize(runtime, engine) is not None
+    else:
+        assert int(diagnostics) & int(trt.EngineInvalidityDiagnostics.UNSUPPORTED_CC), (validity, diagnostics)

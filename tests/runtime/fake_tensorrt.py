@@ -1,14 +1,37 @@
 """A stand-in for the TensorRT Python API and CUDA memory, running ONNX Runtime underneath (CPU only).
 
-It lets `runtime.backend_trt` run on a machine without a GPU: engines are the build's ONNX graphs,
-"device memory" is numpy blocks addressed by fake pointers. The fake is strict where TensorRT is:
-every I/O tensor needs an address, dynamic inputs need `set_input_shape` within [1, max], outputs
-must fit their block, and an output may not alias an input. It checks the backend's bookkeeping
-(shapes, per-layer cache lengths, ping-pong cache sets, dtypes), not TensorRT itself.
+It lets `runtime.backend_trt` run on a machine without a GPU. A fake engine file is a header (JSON:
+TensorRT version, compute capabilities, per-input optimization profiles, I/O dtypes, device memory)
+followed by an ONNX graph; "device memory" is numpy blocks behind fake pointers. Where it matters,
+the fake is as strict as TensorRT, or stricter:
+
+* per-engine optimization profiles: `set_input_shape` refuses a shape outside the engine's own
+  (min, max) for that input, refuses outputs, wrong ranks and static dimensions that differ;
+* `set_tensor_address` refuses addresses that are not 256-byte aligned or not inside an allocation;
+* fp32, fp16, bf16, int32 and int64 tensors: the header may give the engine I/O types that differ from
+  the ONNX (fp16/bf16 floats, int32 ids, as a TensorRT engine may have), the graph runs with casts.
+  Device bytes carry the dtype they were written with, and a kernel or a download that reads them
+  as another dtype fails (TensorRT would silently compute garbage);
+* asynchronous execution: uploads, memsets, kernels and downloads are queued on the stream and run
+  at `sync`; a host read before the sync sees stale data, a host array changed before it is read;
+* `deserialize_cuda_engine` returns None (and logs an error) on a TensorRT-version or compute-
+  capability mismatch; `create_execution_context` returns None when the engine's device memory
+  does not fit what is free;
+* freshly allocated device memory is 0xFF bytes (NaN as floats), and a kernel that reads bytes
+  never written fails;
+* execution needs an address for every I/O tensor and a shape for every dynamic input, runs on the
+  stream it was given (not a destroyed one), and outputs must fit their block and not alias inputs.
+
+TensorRT-RTX's runtime config is modelled too: a runtime cache of "kernels" keyed by input shapes,
+filled when the dynamic-shape strategy is LAZY or EAGER and a shape is new (`compiles` counts them),
+never with NONE; `serialize`/`deserialize` carry it across processes.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import json
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -16,56 +39,176 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-_ORT_TYPES = {"tensor(float)": ("FLOAT", np.float32), "tensor(int64)": ("INT64", np.int64)}
+MAGIC = b"FAKETRT1"
+ALIGNMENT = 256
+_ONNX_TYPES = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(bfloat16)": "BF16",
+               "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT64": np.int64, "INT32": np.int32}
+
+
+def serialize_engine(onnx: bytes, *, version: str, compute_capabilities: list[str], profiles: dict,
+                     dtypes: dict[str, str] | None = None, device_memory: int = 1 << 20) -> bytes:
+    """A fake engine file. profiles: input name -> (min, opt, max); dtypes: tensor name -> engine type name."""
+    header = json.dumps({"version": version, "compute_capabilities": compute_capabilities, "device_memory": device_memory,
+                         "profiles": {k: [list(s) for s in v] for k, v in profiles.items()}, "dtypes": dtypes or {}})
+    return MAGIC + len(header).to_bytes(4, "little") + header.encode() + onnx
+
+
+def _parse(data: Any) -> tuple[dict, bytes]:
+    raw = bytes(data)
+    assert raw[:8] == MAGIC, "not a fake engine"
+    size = int.from_bytes(raw[8:12], "little")
+    return json.loads(raw[12:12 + size]), raw[12 + size:]
+
+
+def to_engine_dtype(value: np.ndarray, kind: str) -> np.ndarray:
+    """An ONNX Runtime output as the engine stores it (bf16 as bit patterns)."""
+    if kind == "BF16":
+        bits = np.ascontiguousarray(value, dtype=np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return value.astype(_NUMPY[kind])
+
+
+def from_engine_dtype(value: np.ndarray, kind: str, onnx_kind: str) -> np.ndarray:
+    """Engine bytes as the ONNX graph's input type."""
+    if kind == "BF16":
+        value = (value.astype(np.uint32) << 16).view(np.float32)
+    return value.astype(_NUMPY[onnx_kind])
 
 
 class FakeCuda:
-    """Host numpy blocks behind fake device pointers."""
+    """Host numpy blocks behind fake pointers; one stream whose queued work runs at `sync`."""
 
     name = "fake-cuda"
-    stream = 7
 
-    def __init__(self) -> None:
+    def __init__(self, memory: int = 1 << 36, compute_capability: str = "8.6") -> None:
         self.blocks: dict[int, np.ndarray] = {}
-        self.next = 0x10000
+        self.tags: dict[int, str | None] = {}  # block -> numpy dtype of the bytes written last ("zero" after memset)
+        self.pending: list = []
+        self.free_memory, self.compute_capability = memory, compute_capability
+        self.next, self.stream, self.closed = 0x10000, 7, False
 
     def malloc(self, nbytes: int) -> int:
-        pointer, self.next = self.next, self.next + max(nbytes, 1) + 0x1000
-        self.blocks[pointer] = np.zeros(max(nbytes, 1), np.uint8)
+        nbytes = max(int(nbytes), 1)
+        pointer = self.next
+        self.next += (nbytes + 0x1000 + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+        self.blocks[pointer], self.tags[pointer] = np.full(nbytes, 0xFF, np.uint8), None  # not zeroed
         return pointer
 
+    def block_of(self, pointer: int) -> int | None:
+        return next((start for start, b in self.blocks.items() if start <= pointer < start + b.size), None)
+
     def free(self, pointer: int) -> None:
-        del self.blocks[pointer]
+        assert pointer in self.blocks, f"free of {pointer:#x}, which is not an allocation"
+        del self.blocks[pointer], self.tags[pointer]
+
+    def _enqueue(self, operation: Any) -> None:
+        assert not self.closed, "work queued on a destroyed stream"
+        self.pending.append(operation)
 
     def memset(self, pointer: int, nbytes: int) -> None:
-        self.blocks[pointer][:nbytes] = 0
+        def run() -> None:
+            self.blocks[pointer][:nbytes] = 0
+            self.tags[pointer] = "zero"
+
+        self._enqueue(run)
 
     def upload(self, pointer: int, host: np.ndarray) -> None:
-        self.blocks[pointer][: host.nbytes] = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+        assert host.flags.c_contiguous and host.nbytes <= self.blocks[pointer].size, (host.shape, self.blocks[pointer].size)
+
+        def run() -> None:  # reads the host array when the stream gets there, like cudaMemcpyAsync
+            self.blocks[pointer][: host.nbytes] = host.reshape(-1).view(np.uint8)
+            self.tags[pointer] = host.dtype.str
+
+        self._enqueue(run)
 
     def download(self, host: np.ndarray, pointer: int) -> None:
-        host.reshape(-1).view(np.uint8)[:] = self.blocks[pointer][: host.nbytes]
+        assert host.flags.c_contiguous and host.nbytes <= self.blocks[pointer].size, (host.shape, self.blocks[pointer].size)
+
+        def run() -> None:
+            assert self.tags[pointer] in (host.dtype.str, "zero"), f"download of {self.tags[pointer]} bytes into a {host.dtype} array"
+            host.reshape(-1).view(np.uint8)[:] = self.blocks[pointer][: host.nbytes]
+
+        self._enqueue(run)
 
     def sync(self) -> None:
-        pass
+        assert not self.closed, "sync on a destroyed stream"
+        work, self.pending = self.pending, []
+        for operation in work:
+            operation()
 
-    def read(self, pointer: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    def close(self) -> None:
+        self.sync()
+        self.closed = True
+
+    def read(self, pointer: int, shape: tuple[int, ...], dtype: Any, name: str) -> np.ndarray:
+        start = self.block_of(pointer)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        assert nbytes <= self.blocks[pointer].size, f"read of {nbytes} bytes past a block of {self.blocks[pointer].size}"
-        return self.blocks[pointer][:nbytes].view(dtype).reshape(shape).copy()
+        block, offset = self.blocks[start], pointer - start
+        assert offset + nbytes <= block.size, f"{name}: read of {nbytes} bytes past a block of {block.size}"
+        tag = self.tags[start]
+        assert tag is not None, f"{name}: reads device memory that was never written (cudaMalloc does not zero it)"
+        assert tag in (np.dtype(dtype).str, "zero"), f"{name}: device bytes hold {np.dtype(tag)} but the tensor is {np.dtype(dtype)}"
+        return block[offset:offset + nbytes].view(dtype).reshape(shape).copy()
+
+    def write(self, pointer: int, value: np.ndarray, name: str) -> None:
+        start = self.block_of(pointer)
+        block, offset = self.blocks[start], pointer - start
+        assert offset + value.nbytes <= block.size, f"{name}: {value.nbytes} bytes into a block of {block.size - offset}"
+        block[offset:offset + value.nbytes] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        self.tags[start] = value.dtype.str
+
+
+class Strategy(enum.IntEnum):
+    LAZY, EAGER, NONE = 0, 1, 2
+
+
+class FakeRuntimeCache:
+    def __init__(self) -> None:
+        self.kernels: set[str] = set()
+
+    def serialize(self) -> bytes:
+        return json.dumps(sorted(self.kernels)).encode()
+
+    def deserialize(self, blob: Any) -> bool:
+        try:
+            self.kernels = set(json.loads(bytes(blob)))
+        except ValueError:
+            return False
+        return True
+
+
+class FakeRuntimeConfig:
+    def __init__(self) -> None:
+        self.dynamic_shapes_kernel_specialization_strategy = Strategy.LAZY
+        self.cache: FakeRuntimeCache | None = None
+
+    def create_runtime_cache(self) -> FakeRuntimeCache:
+        return FakeRuntimeCache()
+
+    def set_runtime_cache(self, cache: FakeRuntimeCache) -> bool:
+        self.cache = cache
+        return True
+
+    def get_runtime_cache(self) -> FakeRuntimeCache | None:
+        return self.cache
 
 
 class FakeContext:
-    def __init__(self, engine: FakeEngine):
-        self.engine, self.shapes, self.addresses = engine, {}, {}
+    def __init__(self, engine: FakeEngine, config: FakeRuntimeConfig | None):
+        self.engine, self.config, self.shapes, self.addresses = engine, config, {}, {}
 
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        declared = self.engine.dims[name]
+    def set_input_shape(self, name: str, shape: Any) -> bool:
+        engine = self.engine
+        if name not in engine.input_names:
+            return False  # TensorRT refuses outputs (and unknown names)
+        declared, shape = engine.dims[name], tuple(int(s) for s in shape)
         if len(shape) != len(declared) or any(isinstance(d, int) and d != s for d, s in zip(declared, shape)):
             return False
-        if any(s < 1 or s > self.engine.max_dim for s in shape):
+        low, _, high = engine.get_tensor_profile_shape(name, 0)
+        if any(not lo <= s <= hi for lo, s, hi in zip(low, shape, high)):
             return False
-        self.shapes[name] = tuple(int(s) for s in shape)
+        self.shapes[name] = shape
         return True
 
     def _symbols(self) -> dict[str, int]:
@@ -73,9 +216,8 @@ class FakeContext:
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         if name in self.engine.input_names:
-            return self.shapes.get(name, tuple(-1 if isinstance(d, str) else d for d in self.engine.dims[name]))
-        symbols = self._symbols()
-        shape = []
+            return self.shapes.get(name, self.engine.get_tensor_shape(name))
+        symbols, shape = self._symbols(), []
         for dim in self.engine.dims[name]:
             if isinstance(dim, int):
                 shape.append(dim)
@@ -86,43 +228,61 @@ class FakeContext:
         return tuple(shape)
 
     def set_tensor_address(self, name: str, pointer: int) -> bool:
-        assert name in self.engine.dims, name
+        if name not in self.engine.dims or pointer % ALIGNMENT or self.engine.cuda.block_of(pointer) is None:
+            return False
         self.addresses[name] = pointer
         return True
 
     def execute_async_v3(self, stream: int) -> bool:
         engine, cuda = self.engine, self.engine.cuda
         missing = [n for n in engine.dims if n not in self.addresses]
-        assert not missing, f"no address for {missing}"
-        assert stream == cuda.stream
+        unset = [n for n in engine.input_names if n not in self.shapes and -1 in engine.get_tensor_shape(n)]
+        if missing or unset or stream != cuda.stream or cuda.closed:
+            engine.log(f"execute_async_v3: no address for {missing}, no shape for {unset}, or a bad stream {stream}")
+            return False
+        shapes, addresses = dict(self.shapes), dict(self.addresses)  # what TensorRT captures at enqueue
+        outputs = {n: self.get_tensor_shape(n) for n in engine.output_names}
+        self._compile(shapes)
+        cuda._enqueue(lambda: self._kernel(shapes, addresses, outputs))
+        return True
+
+    def _compile(self, shapes: dict) -> None:
+        """TensorRT-RTX JIT: a kernel per new set of dynamic input shapes, unless the strategy is NONE."""
+        if self.config is None or self.config.dynamic_shapes_kernel_specialization_strategy == Strategy.NONE:
+            return
+        key = f"{self.engine.sha}:{sorted(shapes.items())}"
+        if self.config.cache is not None and key not in self.config.cache.kernels:
+            self.config.cache.kernels.add(key)
+            self.engine.module.compiles += 1
+
+    def _kernel(self, shapes: dict, addresses: dict, outputs: dict) -> None:
+        engine, cuda = self.engine, self.engine.cuda
         feeds = {}
         for name in engine.input_names:
-            assert name in self.shapes or all(isinstance(d, int) for d in engine.dims[name]), f"no shape for {name}"
-            shape = self.shapes.get(name) or tuple(engine.dims[name])
-            feeds[name] = cuda.read(self.addresses[name], shape, engine.numpy[name])
-        inputs = {self.addresses[n] for n in engine.input_names}
-        outputs = engine.session.run(engine.output_names, feeds)
-        for name, value in zip(engine.output_names, outputs):
-            assert self.addresses[name] not in inputs, f"output {name} aliases an input"
-            assert value.shape == self.get_tensor_shape(name), (name, value.shape, self.get_tensor_shape(name))
-            block = cuda.blocks[self.addresses[name]]
-            assert value.nbytes <= block.size, f"{name}: {value.nbytes} bytes into a block of {block.size}"
-            block[: value.nbytes] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            shape = shapes.get(name) or engine.get_tensor_shape(name)
+            value = cuda.read(addresses[name], shape, _NUMPY[engine.types[name]], name)
+            feeds[name] = from_engine_dtype(value, engine.types[name], engine.onnx_types[name])
+        inputs = {addresses[n] for n in engine.input_names}
+        for name, value in zip(engine.output_names, engine.session.run(engine.output_names, feeds)):
+            assert addresses[name] not in inputs, f"output {name} aliases an input"
+            assert value.shape == outputs[name], (name, value.shape, outputs[name])
+            cuda.write(addresses[name], to_engine_dtype(value, engine.types[name]), name)
         engine.runs += 1
-        return True
 
 
 class FakeEngine:
-    def __init__(self, data: bytes, cuda: FakeCuda, max_dim: int):
-        self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        self.cuda, self.max_dim, self.runs = cuda, max_dim, 0
+    def __init__(self, header: dict, onnx: bytes, module: SimpleNamespace, cuda: FakeCuda, log: Any):
+        self.session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+        self.module, self.cuda, self.log, self.runs, self.header = module, cuda, log, 0, header
+        self.sha = hashlib.sha256(onnx).hexdigest()
         tensors = [*self.session.get_inputs(), *self.session.get_outputs()]
         self.input_names = [t.name for t in self.session.get_inputs()]
         self.output_names = [t.name for t in self.session.get_outputs()]
         self.dims = {t.name: list(t.shape) for t in tensors}
-        self.types = {t.name: _ORT_TYPES[t.type][0] for t in tensors}
-        self.numpy = {t.name: _ORT_TYPES[t.type][1] for t in tensors}
+        self.onnx_types = {t.name: _ONNX_TYPES[t.type] for t in tensors}
+        self.types = {**self.onnx_types, **header["dtypes"]}
         self.num_io_tensors = len(tensors)
+        self.num_optimization_profiles = 1
 
     def get_tensor_name(self, index: int) -> str:
         return [*self.input_names, *self.output_names][index]
@@ -136,28 +296,68 @@ class FakeEngine:
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else -1 for d in self.dims[name])
 
-    def create_execution_context(self) -> FakeContext:
-        return FakeContext(self)
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
+        assert profile_index == 0 and name in self.input_names, (name, profile_index)
+        static = self.get_tensor_shape(name)
+        return [tuple(s) for s in self.header["profiles"][name]] if name in self.header["profiles"] else [static] * 3
+
+    @property
+    def device_memory_size_v2(self) -> int:
+        return self.header["device_memory"]
+
+    def create_runtime_config(self) -> FakeRuntimeConfig:
+        assert self.module.rtx, "IRuntimeConfig is TensorRT-RTX's"
+        return FakeRuntimeConfig()
+
+    def create_execution_context(self, config: FakeRuntimeConfig | None = None) -> FakeContext | None:
+        if self.device_memory_size_v2 > self.cuda.free_memory:
+            self.log(f"out of device memory: {self.device_memory_size_v2} bytes requested")
+            return None
+        self.cuda.free_memory -= self.device_memory_size_v2
+        return FakeContext(self, config)
 
 
-class _Logger:
-    WARNING = 2
-
-    def __init__(self, severity: int):
-        self.severity = severity
+class Severity(enum.IntEnum):
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = 0, 1, 2, 3, 4
 
 
-def fake_trt_module(cuda: FakeCuda, max_dim: int) -> SimpleNamespace:
-    """What `import tensorrt` gives, as far as runtime.backend_trt uses it; `.engines` lists those loaded."""
-    engines: list[FakeEngine] = []
+class ILogger:
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = Severity
+
+    def __init__(self) -> None:
+        pass
+
+    def log(self, severity: Severity, msg: str) -> None:
+        raise NotImplementedError
+
+
+def fake_trt_module(cuda: FakeCuda, version: str = "10.3.0", rtx: bool = False) -> SimpleNamespace:
+    """What `import tensorrt` (or tensorrt_rtx) gives, as far as runtime.backend_trt uses it.
+
+    `.engines` lists the engines loaded, `.loaded_from` the type of each buffer deserialized,
+    `.compiles` counts JIT kernel compilations (RTX)."""
+    module = SimpleNamespace(__version__=version, rtx=rtx, engines=[], loaded_from=[], compiles=0, ILogger=ILogger,
+                             TensorIOMode=SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"))
 
     class Runtime:
-        def __init__(self, logger: Any):
+        def __init__(self, logger: ILogger):
+            assert isinstance(logger, ILogger), "a TensorRT logger is an ILogger"
             self.logger = logger
 
-        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine:
-            engines.append(FakeEngine(data, cuda, max_dim))
-            return engines[-1]
+        def _log(self, msg: str) -> None:
+            self.logger.log(Severity.ERROR, msg)
 
-    io_mode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
-    return SimpleNamespace(__version__="fake", Runtime=Runtime, Logger=_Logger, TensorIOMode=io_mode, engines=engines)
+        def deserialize_cuda_engine(self, data: Any) -> FakeEngine | None:
+            module.loaded_from.append(type(data).__name__)
+            header, onnx = _parse(data)
+            if header["version"] != module.__version__ or cuda.compute_capability not in header["compute_capabilities"]:
+                self._log(f"engine built with {header['version']} for {header['compute_capabilities']}: "
+                          f"this is {module.__version__} on {cuda.compute_capability}")
+                return None
+            module.engines.append(FakeEngine(header, onnx, module, cuda, self._log))
+            return module.engines[-1]
+
+    module.Runtime = Runtime
+    if rtx:
+        module.DynamicShapesKernelSpecializationStrategy = Strategy
+    return module

@@ -1,10 +1,16 @@
-"""runtime.preprocess against Hugging Face's PIL-backend image processors (max abs diff <= 1e-5).
+"""runtime.preprocess against Hugging Face's image processors, both backends.
+
+* backend "pil" against the PIL-backend processors (``CLIPImageProcessorPil``, ...): bit-exact;
+* backend "torchvision" against the torchvision processors (``CLIPImageProcessor``, ...), which run in a
+  subprocess (``tests/torchvision_shim.py``; skipped when ``.tv`` holds no torchvision): max abs diff <= 1e-6.
 
 The HF processors are built here with the settings of ``ficoco.presets._processor`` (no preset build needed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +24,7 @@ from runtime.preprocess import (
     ImageError,
     Pixels,
     PreprocessConfig,
+    PreprocessConfigError,
     anyres_grid,
     load_image,
     preprocess,
@@ -26,31 +33,40 @@ from runtime.preprocess import (
     select_best_resolution,
 )
 
-TOL = 1e-5
+TOL = 0.0  # backend "pil" against HF's PIL processors: bit-exact
+TV_TOL = 1e-6  # backend "torchvision" against HF's torchvision processors
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 KINDS = ("clip", "llava_pad", "llava_next")
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")  # the LLaVA-NeXT set
+PHOTOS_15 = PHOTOS + ("hubble_deep_field", "immunohistochemistry", "retina")  # the LLaVA-1.5 set
+# (kind, photo): LLaVA-1.5 geometry on 8 photos; LLaVA-NeXT on 5, with every pinpoint and with the one 2x2
+# pinpoint that export.build pins (fix_grid, --grid 2x2)
+PHOTO_CASES = [(k, n) for k in ("clip", "llava_pad") for n in PHOTOS_15] + \
+              [(k, n) for k in ("llava_next", "next_2x2") for n in PHOTOS]
+KWARGS: dict[str, Any] = dict(
+    do_resize=True, size={"shortest_edge": 336}, resample=3,
+    do_center_crop=True, crop_size={"height": 336, "width": 336},
+    do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+    image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
+)
+# kind -> (HF class without the "Pil" suffix, extra kwargs); "Pil" classes for backend "pil"
+PROCESSORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "clip": ("CLIPImageProcessor", {}),
+    "llava_pad": ("LlavaImageProcessor", {"do_pad": True}),
+    "llava_next": ("LlavaNextImageProcessor", {"image_grid_pinpoints": PINPOINTS, "do_pad": True}),
+    "next_2x2": ("LlavaNextImageProcessor", {"image_grid_pinpoints": [[672, 672]], "do_pad": True}),
+}
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def hf() -> dict[str, Any]:
-    """{kind: HF image processor}: CLIP (llava-hf LLaVA-1.5), Llava with do_pad (square + mean), LLaVA-NeXT."""
-    from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaNextImageProcessorPil
+    """{kind: HF PIL image processor}: CLIP (llava-hf LLaVA-1.5), Llava with do_pad, LLaVA-NeXT, NeXT 2x2."""
+    import transformers
 
-    kwargs: dict[str, Any] = dict(
-        do_resize=True, size={"shortest_edge": 336}, resample=3,
-        do_center_crop=True, crop_size={"height": 336, "width": 336},
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
-    )
-    return {
-        "clip": CLIPImageProcessorPil(**kwargs),
-        "llava_pad": LlavaImageProcessorPil(do_pad=True, **kwargs),
-        "llava_next": LlavaNextImageProcessorPil(image_grid_pinpoints=PINPOINTS, do_pad=True, **kwargs),
-    }
+    return {kind: getattr(transformers, name + "Pil")(**KWARGS, **extra) for kind, (name, extra) in PROCESSORS.items()}
 
 
 def check_parity(processor: Any, ours_input: Any, hf_input: Any = None) -> tuple[np.ndarray, tuple[int, int]]:
@@ -116,8 +132,7 @@ STRESS = ("wide", "tall", "tiny", "one_pixel_line", "gray_L", "rgba", "palette_P
           "gray_alpha_LA")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", PHOTOS)
+@pytest.mark.parametrize(("kind", "name"), PHOTO_CASES)
 def test_parity_photographs(hf: dict[str, Any], kind: str, name: str) -> None:
     check_parity(hf[kind], photo(name))
 
@@ -261,3 +276,152 @@ def test_too_small_or_too_thin_raises_image_error() -> None:
     # A 1-pixel-high line 400000 wide would need a 134400000x336 intermediate for shortest-edge 336.
     with pytest.raises(ImageError, match="400000x1"):
         preprocess_llava(Image.new("RGB", (400000, 1)), PreprocessConfig())
+
+
+# --- backend "torchvision": HF's torchvision processors, run in a subprocess by tests/torchvision_shim.py ---
+
+
+def tv_cases(root: Path) -> dict[str, dict[str, Any]]:
+    """{case: {kind, image (HF's input), how, ours (the runtime's input)}} for every torchvision comparison."""
+    cases = {f"{k}-{n}": {"kind": k, "image": photo(n)} for k, n in PHOTO_CASES}
+    cases |= {f"{k}-{n}": {"kind": k, "image": stress_image(n)} for k in PROCESSORS for n in STRESS}
+    for size_hw in ((400, 800), (800, 400), (700, 700), (1000, 300), (300, 1000)):
+        name = f"llava_next-pinpoint-{size_hw[0]}x{size_hw[1]}"
+        cases[name] = {"kind": "llava_next", "image": Image.fromarray(noise(*size_hw, seed=sum(size_hw)))}
+    rotated, alpha = root / "rotated.jpg", root / "alpha.png"
+    write_exif_jpeg(rotated)
+    stress_image("rgba").save(alpha)
+    for kind in PROCESSORS:
+        # a path: HF's load_image on both sides; a PIL image handed over directly: no EXIF transpose on either
+        cases[f"{kind}-exif-path"] = {"kind": kind, "image": rotated, "how": "load_image", "ours": rotated}
+        cases[f"{kind}-exif-raw"] = {"kind": kind, "image": rotated, "ours": "raw"}
+        cases[f"{kind}-rgba-path"] = {"kind": kind, "image": alpha, "how": "load_image", "ours": alpha}
+    return cases
+
+
+@pytest.fixture(scope="module")
+def tv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """HF torchvision outputs for tv_cases, and this process's torchvision state before and after."""
+    from tests import torchvision_shim
+
+    torchvision_shim.require()
+    state = ("torchvision" in sys.modules, list(sys.path))
+    root = tmp_path_factory.mktemp("torchvision")
+    cases = tv_cases(root)
+    processors = {kind: {"class": name, "kwargs": {**KWARGS, **extra}} for kind, (name, extra) in PROCESSORS.items()}
+    ref = torchvision_shim.hf_torchvision(processors, cases, root / "work")
+    return {"cases": cases, "ref": ref, "state": (state, ("torchvision" in sys.modules, list(sys.path)))}
+
+
+def tv_config(tv: dict[str, Any], kind: str, backend: str | None = None) -> PreprocessConfig:
+    """The config a build exported with the torchvision processor records (optionally another backend)."""
+    manifest = tv["ref"]["_meta"]["manifest"][kind]
+    return PreprocessConfig.from_dict(manifest if backend is None else {**manifest, "backend": backend})
+
+
+def tv_diff(tv: dict[str, Any], case: str, backend: str | None = None) -> float:
+    """Max abs difference between the runtime (config from the torchvision processor's manifest) and HF."""
+    entry, ref = tv["cases"][case], tv["ref"][case]
+    config = tv_config(tv, entry["kind"], backend)
+    ours = entry.get("ours", entry["image"])
+    with contextlib.ExitStack() as stack:
+        if ours == "raw":
+            ours = stack.enter_context(Image.open(entry["image"]))
+        if config.image_grid_pinpoints:
+            got, size_hw = preprocess_llava_next(ours, config)
+            assert size_hw == ref["image_sizes"]
+        else:
+            got = preprocess_llava(ours, config)[0]
+    expected = ref["pixel_values"]
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    return float(np.abs(got - expected).max())
+
+
+def check_tv(tv: dict[str, Any], case: str, backend: str | None = None) -> None:
+    diff = tv_diff(tv, case, backend)
+    assert diff <= TV_TOL, f"{case}: max abs diff {diff}"
+
+
+def test_torchvision_reference_is_the_torchvision_processor(tv: dict[str, Any]) -> None:
+    meta = tv["ref"]["_meta"]
+    assert Path(meta["torchvision_file"]).resolve().is_relative_to((REPO / ".tv").resolve())
+    assert meta["classes"] == {kind: name for kind, (name, _) in PROCESSORS.items()}
+    assert {m["backend"] for m in meta["manifest"].values()} == {"torchvision"}
+    assert {tv_config(tv, kind).backend for kind in PROCESSORS} == {"torchvision"}
+
+
+@pytest.mark.parametrize(("kind", "name"), PHOTO_CASES)
+def test_torchvision_photographs(tv: dict[str, Any], kind: str, name: str) -> None:
+    check_tv(tv, f"{kind}-{name}")
+
+
+@pytest.mark.parametrize(("kind", "name"), [c for c in PHOTO_CASES if c[0] in ("clip", "next_2x2")])
+def test_pil_backend_fails_the_torchvision_comparison(tv: dict[str, Any], kind: str, name: str) -> None:
+    # The PIL resize is up to 2/255 away from torch's on every photograph: the comparison above sees it.
+    with pytest.raises(AssertionError, match="max abs diff"):
+        check_tv(tv, f"{kind}-{name}", backend="pil")
+    assert tv_diff(tv, f"{kind}-{name}", backend="pil") >= 0.99 / 255 / max(CLIP_STD)  # a whole uint8 level
+
+
+@pytest.mark.parametrize("kind", PROCESSORS)
+@pytest.mark.parametrize("name", STRESS)
+def test_torchvision_stress(tv: dict[str, Any], kind: str, name: str) -> None:
+    check_tv(tv, f"{kind}-{name}")
+
+
+@pytest.mark.parametrize("kind", PROCESSORS)
+@pytest.mark.parametrize("name", ["exif-path", "exif-raw", "rgba-path"])
+def test_torchvision_files(tv: dict[str, Any], kind: str, name: str) -> None:
+    check_tv(tv, f"{kind}-{name}")
+
+
+@pytest.mark.parametrize("size", ["400x800", "800x400", "700x700", "1000x300", "300x1000"])
+def test_torchvision_each_pinpoint(tv: dict[str, Any], size: str) -> None:
+    check_tv(tv, f"llava_next-pinpoint-{size}")
+
+
+def test_torchvision_stays_in_its_subprocess(tv: dict[str, Any], tmp_path: Path) -> None:
+    """Running the torchvision processors changed nothing here: AutoImageProcessor still picks the PIL class."""
+    import importlib.util
+
+    from transformers import AutoImageProcessor, CLIPImageProcessorPil
+
+    before, after = tv["state"]
+    assert before == after and str(REPO / ".tv") not in sys.path
+    if importlib.util.find_spec("torchvision") is None:  # the project's environment: torchvision only in .tv
+        CLIPImageProcessorPil(**KWARGS).save_pretrained(tmp_path)
+        assert type(AutoImageProcessor.from_pretrained(tmp_path)).__name__ == "CLIPImageProcessorPil"
+
+
+def test_tv_resize_equals_torch_interpolate() -> None:
+    """The numpy kernel against torch's uint8 antialiased interpolate directly, on random sizes both ways."""
+    torch = pytest.importorskip("torch")
+    from runtime.preprocess import _tv_resize
+
+    rng = np.random.default_rng(11)
+    sizes = [tuple(int(v) for v in rng.integers(1, 600, 4)) for _ in range(40)]
+    sizes += [(1, 1, 336, 336), (7, 5, 470, 336), (50, 2000, 336, 13440), (1411, 1411, 336, 336), (5, 900, 5, 3)]
+    for index, (h, w, out_h, out_w) in enumerate(sizes):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for mode, code in (("bicubic", 3), ("bilinear", 2)) if index % 2 else (("bicubic", 3),):
+            tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()[None]
+            ref = torch.nn.functional.interpolate(tensor, size=(out_h, out_w), mode=mode, antialias=True)
+            assert np.array_equal(_tv_resize(image, (out_h, out_w), code), ref[0].permute(1, 2, 0).numpy()), \
+                (mode, (h, w), (out_h, out_w))
+
+
+def test_backend_from_dict(hf: dict[str, Any]) -> None:
+    d = hf["clip"].to_dict()
+    assert "backend" not in d and PreprocessConfig.from_dict(d).backend == "pil"  # builds before the field
+    assert PreprocessConfig.from_dict({**d, "backend": "torchvision"}).backend == "torchvision"
+    with pytest.raises(PreprocessConfigError, match="'opencv'"):
+        PreprocessConfig.from_dict({**d, "backend": "opencv"})
+    with pytest.raises(PreprocessConfigError, match="resample 0"):
+        PreprocessConfig.from_dict({**d, "backend": "torchvision", "resample": 0})
+
+
+def test_build_records_its_processor_backend(build_dir: Any, tiny: dict[str, Any]) -> None:
+    manifest = json.loads((build_dir("1.5-v") / "manifest.json").read_text())
+    backend = tiny["tiny-llava-1.5"][1].image_processor.backend  # loaded by AutoProcessor, as the export does
+    assert manifest["preprocess"]["backend"] == backend
+    assert PreprocessConfig.from_dict(manifest["preprocess"]).backend == backend

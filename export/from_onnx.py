@@ -1,0 +1,134 @@
+"""TensorRT engines for a build's ONNX graphs: `build_engines` (every build) and `--from-onnx` (on the device).
+
+    python -m export.build --from-onnx builds/NAME --backend tensorrt       # Jetson: JetPack's TensorRT
+    python -m export.build --from-onnx builds/NAME --backend tensorrt-rtx   # RTX: for this GPU
+
+`--from-onnx` needs neither torch nor transformers nor onnx: the runtime install (numpy and the
+`runtime` package, which reads the manifest), `export/` (this module, `engine.py`, `request.py`,
+`build.py`) and TensorRT. With TensorRT-RTX it builds for the GPU it runs on (ComputeCapability
+CURRENT), or for `--compute-capability` when given, or, with no GPU visible, for the default RTX
+targets; standard TensorRT always builds for the local GPU. The manifest records the compute
+capability actually targeted (the local GPU's where one is visible) and the TensorRT version.
+
+Nothing changes unless everything succeeds: the new build is assembled in an `export.workspace`
+beside the build (the graphs and tokenizer hard-linked, copied where links are not possible), the
+engines, manifest and build.log are written there, and it replaces the build in one exchange
+(`Workspace.publish`); on any failure the workspace is removed and the build is as it was.
+The manifest's `trtexec` lines use paths relative to the build directory (`trtexec_cwd: "."`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime import manifest as manifest_io
+from runtime import names
+from runtime.device import driver
+
+from .engine import CURRENT, EngineSpec, Flavour, build_engine
+from .request import DEFAULT_COMPUTE_CAPABILITIES, BuildRequest
+
+
+def engine_profiles(graph_entry: dict, max_seq_len: int, opt: dict[str, int]) -> dict:
+    """(min, opt, max) per input: text dims 1..max_seq_len, everything else as exported."""
+    profiles = {}
+    for tensor in graph_entry["inputs"]:
+        low, best, high = [], [], []
+        for dim in tensor["shape"]:
+            if isinstance(dim, int):
+                low.append(dim), best.append(dim), high.append(dim)
+            else:
+                low.append(1), best.append(min(opt.get(dim, 64), max_seq_len)), high.append(max_seq_len)
+        profiles[tensor["name"]] = (tuple(low), tuple(best), tuple(high))
+    return profiles
+
+
+def optimum_shapes(body: dict) -> dict[str, int]:
+    """Optimum dims: a typical chat prompt, and caches about as long as the prompt with its visual tokens."""
+    visual_tokens, layers = body["schedule"]["visual_tokens"], body["source"]["text"]["layers"]
+    return {"text_before": 8, "text_after": 32, **{f"past_{i}": visual_tokens + 64 for i in range(layers)}}
+
+
+def build_engines(directory: Path, body: dict, request: BuildRequest, flavour: Flavour, progress: Any) -> tuple[dict, dict]:
+    """Compile every ONNX graph of the build in `directory`; returns (engines entries, tensorrt section).
+
+    TensorRT's log goes to `progress.log` (the build's build.log)."""
+    graphs, opt, engines, commands = body["graphs"], optimum_shapes(body), {}, {}
+    for graph in names.GRAPHS:
+        spec = EngineSpec(
+            onnx_path=directory / graphs[graph]["file"], engine_path=directory / f"{graph}.engine",
+            profiles=engine_profiles(graphs[graph], request.max_seq_len, opt), precision=request.precision,
+            compute_capabilities=request.compute_capabilities if flavour.is_rtx else (),
+        )
+        with progress.stage(f"engine {graph} ({flavour.name})"):
+            info = build_engine(spec, flavour, log=lambda line: print(line, file=progress.log), base=directory)
+        commands[graph] = info.pop("trtexec")
+        engines[graph] = {"file": spec.engine_path.name, **info}  # info holds the written bytes' sha256 and size
+    section = {"flavour": flavour.name, "version": flavour.version,
+               "compute_capabilities": engines[names.GRAPHS[0]]["compute_capabilities"],
+               "trtexec": commands, "trtexec_cwd": "."}
+    return engines, section
+
+
+def device_targets(flavour: Flavour, log: Any = print) -> tuple[str, ...]:
+    """TensorRT-RTX targets when none are given: the GPU this runs on, else (no GPU visible) the default set."""
+    if not flavour.is_rtx:
+        return ()
+    found = driver()
+    if found is not None and found.devices > 0:
+        return (CURRENT,)
+    log(f"note: no GPU visible; building for compute capabilities {', '.join(DEFAULT_COMPUTE_CAPABILITIES)}")
+    return DEFAULT_COMPUTE_CAPABILITIES
+
+
+def link_tree(directory: Path, target: Path, skip: set[str]) -> None:
+    """Hard-link (or, where links are not possible, copy) every file of `directory` into `target`, except `skip`."""
+    for root, _, files in os.walk(directory):
+        target_dir = target / Path(root).relative_to(directory)
+        target_dir.mkdir(exist_ok=True)
+        for name in files:
+            if str((Path(root) / name).relative_to(directory)) in skip:
+                continue
+            try:
+                os.link(Path(root) / name, target_dir / name)
+            except OSError:
+                shutil.copy2(Path(root) / name, target_dir / name)
+
+
+def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bool = False) -> int:
+    """Engines for an existing build's ONNX graphs, on the target device; no torch or transformers."""
+    from .build import Progress, resolve_flavour, summary
+    from .request import check_targets
+    from .workspace import Workspace
+
+    body = manifest_io.read(directory)
+    manifest_io.check_files(directory, body["graphs"])
+    flavour = resolve_flavour(request.backend)
+    if flavour is None:
+        raise ValueError("--from-onnx needs a TensorRT backend: --backend tensorrt or tensorrt-rtx")
+    if capabilities_given:
+        check_targets(request, flavour)
+    targets = request.compute_capabilities if capabilities_given else device_targets(flavour)
+    request = dataclasses.replace(request, precision=body["precision"], max_seq_len=body["max_seq_len"],
+                                  compute_capabilities=targets, verify=False)  # engines only: nothing to verify
+    old_engines = {entry["file"] for entry in (body.get("engines") or {}).values()}
+    rewritten = {manifest_io.FILENAME, "build.log", *old_engines, *(f"{g}.engine" for g in names.GRAPHS)}
+    progress = Progress(3, io.StringIO())
+    with Workspace(directory) as ws:
+        link_tree(directory, ws.build, rewritten)
+        body["engines"], body["tensorrt"] = build_engines(ws.build, body, request, flavour, progress)
+        for key in ("schema", "schema_version"):
+            body.pop(key, None)
+        manifest_io.write(ws.build, body)
+        previous = (directory / "build.log").read_text() if (directory / "build.log").is_file() else ""
+        header = f"\n# --from-onnx {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {flavour.name} {flavour.version}\n"
+        (ws.build / "build.log").write_text(previous + header + progress.log.getvalue())
+        ws.publish()
+    print(summary(body, progress, directory))
+    return 0

@@ -1,0 +1,61 @@
+"""What identifies a build's source model, and reloading it for `python -m export.verify`.
+
+The manifest records the model's name (a preset name, or the checkpoint
+directory's base name) and a fingerprint of its files, never the exporting
+machine's paths. Re-verifying a build of a local checkpoint therefore takes
+`--model DIR`; the fingerprint must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .request import BuildRequest
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def fingerprint(directory: Path) -> str:
+    """sha256 over config.json's bytes and the names and sizes of the weight files (cheap for 14 GB)."""
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for path in sorted(p for p in directory.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def source_entry(model_arg: str, directory: Path) -> dict:
+    """The manifest's identification of the model: no absolute path."""
+    from ficoco.presets import PRESETS
+
+    name = model_arg if model_arg in PRESETS else Path(model_arg).name
+    return {"model": name, "preset": model_arg in PRESETS, "fingerprint": fingerprint(directory)}
+
+
+def reload_for_verify(manifest: dict, model: str | None = None):
+    """(model, processor, graphs) of an existing build; `model` is the checkpoint directory unless a preset."""
+    from ficoco.presets import resolve_model_dir
+
+    from . import pipeline
+    from .graphs import graph_set
+
+    source = manifest["source"]
+    if model is None:
+        if not source.get("preset"):
+            raise ValueError(f"the build was made from a local checkpoint ({source['model']!r}); pass --model DIR")
+        model = source["model"]
+    directory = resolve_model_dir(model)
+    if fingerprint(directory) != source.get("fingerprint"):
+        raise ValueError(f"model {model!r} is not the one this build was made from (fingerprint differs)")
+    request = BuildRequest(
+        model=str(directory), variant=manifest["variant"],
+        ratio=manifest["ficoco"]["ratio"] if manifest["variant"] != "none" else None,
+        tokens=manifest["ficoco"]["tokens"], precision=manifest["precision"], max_seq_len=manifest["max_seq_len"],
+        grid=tuple(manifest["schedule"]["grid"] or (2, 2)),
+    )
+    loaded, processor, _ = pipeline.load_model(request)
+    plan, layout = pipeline.patch(loaded, processor, request)
+    return loaded, processor, graph_set(loaded, plan, layout)
+
+
+
