@@ -240,13 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import EngineBuildError
     from .workspace import signals
 
+    streams = sys.stdout, sys.stderr  # a signal can land inside a stage's redirect before its undo is registered
+
     def fail(error: BaseException, code: int) -> int:
+        sys.stdout, sys.stderr = streams
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message
         return code
 
     with signals():  # SIGTERM raises like Ctrl-C: the workspace is removed on the way out
         try:
             if args.from_onnx is not None:
+                manifest_io.Build.from_directory(args.from_onnx).check_listed_io()  # the manifest, as it enters
                 request = make_request(argparse.Namespace(**{**vars(args), "variant": "none", "ratio": None, "tokens": None, "tflops": None}))
                 return run_from_onnx(args.from_onnx, request, capabilities_given=args.compute_capability is not None)
             if args.variant != "none" and args.ratio is None and args.tokens is None and args.tflops is None:
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         except (VerificationError, EngineBuildError, OSError) as error:  # OSError: e.g. a full disk
             return fail(error, 1)
         except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM as workspace.Interrupted
-            return fail(f"{error or 'interrupted'}; nothing was published", getattr(error, "exit_code", 130))
+            return fail(f"{error or 'interrupted'}; its temporary directory was removed", getattr(error, "exit_code", 130))
 
 
 if __name__ == "__main__":

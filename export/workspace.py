@@ -82,7 +82,15 @@ def _is_evidence(directory: Path) -> bool:
 
 def check_out(out: Path) -> Path:
     """Refuse an --out that cannot be written or replaced, before any work; returns temp_root(out)."""
-    shown = str(out)
+    try:
+        return _check_out(str(out), Path(os.path.abspath(out)))
+    except OSError as error:  # e.g. a name too long for the filesystem, a path through an unreadable directory
+        raise OutputError(f"--out {str(out)!r} cannot be used: {error.strerror or error}") from None
+
+
+def _check_out(shown: str, out: Path) -> Path:
+    if not out.name:
+        raise OutputError(f"--out {shown!r} names no directory")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputError(f"--out {shown!r} exists and is not a directory; refusing to replace it")
     if out.exists() and not manifest_io.is_build(out):
@@ -95,6 +103,11 @@ def check_out(out: Path) -> Path:
         raise OutputError(f"--out {shown!r} cannot be created: {str(root)!r} is not a directory")
     if not os.access(root, os.W_OK | os.X_OK):
         raise OutputError(f"--out {shown!r} cannot be created: {str(root)!r} is not writable")
+    name_max = 255
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        name_max = os.pathconf(root, "PC_NAME_MAX")
+    if len(os.fsencode(f".{out.name}.tmp-XXXXXXXX")) > name_max:  # the temporary directory's name (mkdtemp: 8 characters)
+        raise OutputError(f"--out {shown!r}: the name is too long for the temporary directory beside it")
     if out.exists() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"--out {shown!r} cannot be replaced: it is not writable")
     return root
@@ -177,8 +190,9 @@ def sweep(root: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted (once; later ones are ignored until the block ends)."""
-    if signal.getsignal(signal.SIGINT) is None or not _main_thread():
+    """SIGINT and SIGTERM raise Interrupted (once; later ones are ignored until the block ends). A signal
+    this process was started ignoring (nohup, a background job) stays ignored."""
+    if not _main_thread():
         yield
         return
 
@@ -187,7 +201,8 @@ def signals() -> Iterator[None]:
             signal.signal(number, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    previous = {number: signal.signal(number, handler) for number in _SIGNALS}
+    defaults = (signal.default_int_handler, signal.SIG_DFL)
+    previous = {n: signal.signal(n, handler) for n in _SIGNALS if signal.getsignal(n) in defaults}
     try:
         yield
     finally:
@@ -237,7 +252,7 @@ class Workspace:
     """`with Workspace(out) as ws:` write into `ws.build`, then `ws.publish()` or `ws.keep_failed()`."""
 
     def __init__(self, out: Path):
-        self.out, self.root = out, check_out(out)
+        self.out, self.root = Path(os.path.abspath(out)), check_out(out)
         self.path: Path | None = None
 
     @property
@@ -247,15 +262,19 @@ class Workspace:
     def __enter__(self) -> Workspace:
         sweep(self.root)
         try:
-            self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.root))
-            staging = self.path / (OWNER + ".tmp")
-            staging.write_text(json.dumps(owner_record()) + "\n", encoding="utf-8")
-            os.replace(staging, self.path / OWNER)
-            self.build.mkdir()  # mode from the umask, unlike mkdtemp's 0700
+            with _signals_held():  # a signal is taken after the directory has its owner, and then removes it
+                self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.root))
+                staging = self.path / (OWNER + ".tmp")
+                staging.write_text(json.dumps(owner_record()) + "\n", encoding="utf-8")
+                os.replace(staging, self.path / OWNER)
+                self.build.mkdir()  # mode from the umask, unlike mkdtemp's 0700
         except OSError as error:
             self.__exit__(None, None, None)
             raise OutputError(f"--out {str(self.out)!r}: cannot write beside it in {str(self.root)!r}: "
                               f"{error.strerror or error}") from None
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

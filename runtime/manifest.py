@@ -243,11 +243,11 @@ class Build:
             if isinstance(error, BuildError):
                 raise
             raise BuildError(f"{str(directory / FILENAME)!r} lacks or mangles {error}") from None
-        build.check_eos()
         return build
 
     def check_eos(self) -> None:
-        """The manifest's EOS ids against the build's own generation_config.json (when it has one)."""
+        """The manifest's EOS ids against the build's own generation_config.json (when it has one; after its
+        sha256 check, which `check("tokenizer")` does)."""
         path = self.directory / "generation_config.json"
         if not path.is_file():
             return
@@ -281,19 +281,34 @@ class Build:
     def check_io(self, graph: str, tensors: list[tuple[str, list, object]], max_seq_len: int | None = None) -> None:
         """A graph's own I/O (name, shape, dtype), as the backend loaded it, against `expected_io`; and the
         max_seq_len the graph records (ONNX metadata, a TensorRT profile's max), if it records one."""
-        found = {name: ([d if isinstance(d, int) and d >= 0 else None for d in shape], dtype_name(t)) for name, shape, t in tensors}
-        for name, (shape, dtype) in self.expected_io(graph).items():
+        found = {name: ([d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else None for d in shape]
+                        if isinstance(shape, (list, tuple)) else None, dtype_name(t)) for name, shape, t in tensors}
+        expected = self.expected_io(graph)
+        extra = sorted(set(found) - set(expected), key=str)
+        if extra:
+            raise BuildError(f"{graph}: the graph has {len(extra)} tensor(s) this build's manifest does not imply, "
+                             f"e.g. {extra[0]!r} (source.text.layers changed?)")
+        for name, (shape, dtype) in expected.items():
             if name not in found:
                 raise BuildError(f"{graph}: the graph has no {name!r}, which this build's manifest implies")
             got_shape, got_dtype = found[name]
-            fits = len(got_shape) == len(shape) and all(e is None or e == g for e, g in zip(shape, got_shape))
+            fits = got_shape is not None and len(got_shape) == len(shape) and all(e is None or e == g for e, g in zip(shape, got_shape))
             if not fits or got_dtype != dtype:
                 want = [e if e is not None else "*" for e in shape]
-                got = [g if g is not None else "*" for g in got_shape]
+                got = [g if g is not None else "*" for g in got_shape or []]
                 raise BuildError(f"{graph}.{name}: the graph takes {got_dtype} {got}, but the manifest implies {dtype} {want} "
                                  f"(precision, preprocess crop_size, schedule or source.text changed?)")
         if max_seq_len is not None and max_seq_len != self.max_seq_len:
             raise BuildError(f"manifest: max_seq_len {self.max_seq_len} differs from the {max_seq_len} {graph} was built for")
+
+    def check_listed_io(self) -> None:
+        """The graphs' I/O as the manifest lists it (what `--from-onnx` makes engine profiles from) against `expected_io`."""
+        for graph in names.GRAPHS:
+            entry = (self.manifest.get("graphs") or {}).get(graph)
+            lists = [entry.get(key) for key in ("inputs", "outputs")] if isinstance(entry, dict) else [None]
+            if not all(isinstance(t, list) and all(isinstance(x, dict) for x in t) for t in lists):
+                raise BuildError(f"manifest: graphs.{graph} must list inputs and outputs as {{name, shape, dtype}} entries")
+            self.check_io(graph, [(x.get("name"), x.get("shape"), x.get("dtype")) for t in lists for x in t])
 
     @property
     def after_ficoco_l(self) -> int:

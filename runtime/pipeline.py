@@ -105,6 +105,16 @@ class _Clock:
         return (self.marks[end] - self.marks[start]) * 1e3
 
 
+def warn_if_unverified(build: Build) -> None:
+    """One line on stderr for a build published with --allow-parity-failure or --no-verify."""
+    parity = build.manifest.get("parity")
+    if parity is None:
+        print(f"warning: build {build.directory} was not verified against PyTorch (--no-verify)", file=sys.stderr)
+    elif not parity.get("passed", False):
+        print(f"warning: build {build.directory} FAILED its parity check (published with --allow-parity-failure); "
+              "see its parity.json", file=sys.stderr)
+
+
 class Pipeline:
     """Build + backend + tokenizer + preprocessing; `__call__` answers one (image, prompt)."""
 
@@ -117,8 +127,10 @@ class Pipeline:
     def from_build(cls, directory: str | Path, backend: str = "auto", verify_files: bool = True) -> Pipeline:
         """Open a build; `verify_files` checks the sha256 of the tokenizer files and the backend's graphs/engines."""
         build = Build.from_directory(directory)
+        warn_if_unverified(build)
         if verify_files:
             build.check("tokenizer")
+        build.check_eos()
         image_token = (build.manifest.get("tokenizer") or {}).get("image_token") or "<image>"
         tokenizer = ChatTokenizer.from_directory(build.directory, image_token)
         return cls(build, open_backend(backend, build, verify_files), tokenizer, build.preprocess)

@@ -253,7 +253,8 @@ def _tv_weights(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray,
 
     torch ``HelperInterpBase::_compute_index_ranges_weights`` (antialias=True, align_corners=False, no scale
     factor) then ``_compute_index_ranges_int16_weights``: float64 weights normalised per output, scaled by
-    2**precision with the largest precision (< 22) whose largest weight still fits int16, rounded half away.
+    2**precision with the largest precision (at most 22) whose largest weight still fits int16, rounded half
+    away from zero.
     """
     filter_fn, interp_size = _TV_FILTERS[resample]
     scale = in_size / out_size
@@ -266,7 +267,9 @@ def _tv_weights(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray,
     j = np.arange(taps)
     weights = filter_fn(((j[None, :] + xmin[:, None]) - center[:, None] + 0.5) * invscale)
     weights = np.where(j[None, :] < xsize[:, None], weights, 0.0)
-    total = weights.sum(axis=1, keepdims=True)
+    total = np.zeros((out_size, 1))
+    for tap in range(taps):  # summed in tap order, as the C++ loop does (numpy's sum may pair them up)
+        total[:, 0] += weights[:, tap]
     weights = np.where(total != 0.0, weights / np.where(total != 0.0, total, 1.0), weights)
     w_max = float(weights.max())
     precision = 0
@@ -300,6 +303,8 @@ def _tv_resize(array: np.ndarray, size_hw: tuple[int, int], resample: int) -> np
     generic uint8 path (``UpSampleKernel.cpp``): horizontal pass first, rounded to uint8, then vertical; an
     axis whose size does not change is skipped. Pillow does the same with 22-bit weights, hence up to 2/255
     apart. Bilinear here is torchvision's native uint8 path (AVX2/AVX512/arm64 CPUs; others resize in float).
+    One known disagreement: an output 1 pixel wide (LLaVA-NeXT, images over ~1000 times taller than wide) equals
+    the AVX2 kernel, not torch's generic one (CPUs without AVX2), which differs there; torch asserts on 1x1.
     """
     height, width, channels = array.shape
     if width != size_hw[1]:  # rows of the transposed image are the columns: gathers stay contiguous

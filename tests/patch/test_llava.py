@@ -169,16 +169,49 @@ def test_attention_maps_are_hugging_face_eager_attention(preset_dirs, photo, mon
 # --------------------------------------------------------------------------- generation
 
 
+def greedy_by_hand(model, inputs, steps: int, variant: str) -> torch.Tensor:
+    """The logits [steps, V] of `steps` greedy tokens recomputed without `generate`: full forwards without a
+    cache under FiCoCo-V (its reduction depends on the image only); under FiCoCo-L (whose scores depend on the
+    text after the image, so the prompt is reduced once) one patched prefill, then Hugging Face's own decoder
+    forward at layer 0's cache length, the unreduced position."""
+    ids, logits = inputs["input_ids"], []
+    with torch.no_grad():
+        if variant == "v":
+            for _ in range(steps):
+                mask = torch.ones_like(ids)
+                logits.append(model(**dict(inputs, input_ids=ids, attention_mask=mask), use_cache=False).logits[0, -1])
+                ids = torch.cat([ids, logits[-1].argmax().view(1, 1)], dim=1)
+            return torch.stack(logits)
+        out = model(**inputs, use_cache=True)
+        cache, decoder = out.past_key_values, model.model.language_model
+        logits.append(out.logits[0, -1])
+        for _ in range(steps - 1):
+            token = logits[-1].argmax().view(1, 1)
+            hidden = type(decoder).forward(
+                decoder, inputs_embeds=decoder.embed_tokens(token), position_ids=torch.tensor([[cache.get_seq_length(0)]]),
+                past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            logits.append(model.lm_head(hidden[0, -1]))
+    return torch.stack(logits)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("variant", ["v", "l", "vl"])
-def test_greedy_generate_runs_at_quarter_ratio(tiny, patched, photo, name, variant):
+def test_greedy_generate_equals_recomputation_at_quarter_ratio(tiny, patched, photo, name, variant):
+    """`generate`'s tokens and every step's logits equal the recomputation (the tiny presets' random weights
+    often repeat one token, so the logits are what catches a wrong decode position or cache)."""
     _, processor = tiny[name]
     model, _ = patched(name, FiCoCoConfig(variant, ratio=0.25))
     inputs = make_inputs(processor, photo)
+    n_in = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 8)
-    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, :n_in], inputs["input_ids"])
+    generated = out.sequences[0, n_in:]
+    assert len(generated) == 8 or generated[-1] == model.generation_config.eos_token_id  # early only at EOS
+    expected = greedy_by_hand(model, inputs, len(generated), variant)  # [n, V]
+    assert torch.equal(generated, expected.argmax(-1))
+    torch.testing.assert_close(torch.cat(out.logits), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -88,6 +88,11 @@ class FakeCuda:
         self.free_memory, self.compute_capability = memory, compute_capability
         self.next, self.stream, self.closed = 0x10000, 7, False
 
+    def open(self) -> FakeCuda:
+        """What runtime.cuda.open_cuda gives a new backend: this device, with a new stream."""
+        self.closed, self.stream = False, self.stream + 1
+        return self
+
     def malloc(self, nbytes: int) -> int:
         nbytes = max(int(nbytes), 1)
         pointer = self.next
@@ -106,28 +111,40 @@ class FakeCuda:
         assert not self.closed, "work queued on a destroyed stream"
         self.pending.append(operation)
 
+    def _span(self, pointer: int, nbytes: int) -> tuple[int, np.ndarray]:
+        """(block start, the nbytes of device memory at pointer); the span must lie inside one allocation."""
+        start = self.block_of(pointer)
+        assert start is not None, f"{pointer:#x} is not device memory"
+        offset = pointer - start
+        assert offset + nbytes <= self.blocks[start].size, f"{nbytes} bytes at {pointer:#x} run past a block of {self.blocks[start].size}"
+        return start, self.blocks[start][offset:offset + nbytes]
+
     def memset(self, pointer: int, nbytes: int) -> None:
+        start, span = self._span(pointer, nbytes)
+
         def run() -> None:
-            self.blocks[pointer][:nbytes] = 0
-            self.tags[pointer] = "zero"
+            span[:] = 0
+            self.tags[start] = "zero"
 
         self._enqueue(run)
 
     def upload(self, pointer: int, host: np.ndarray) -> None:
-        assert host.flags.c_contiguous and host.nbytes <= self.blocks[pointer].size, (host.shape, self.blocks[pointer].size)
+        assert host.flags.c_contiguous, host.shape
+        start, span = self._span(pointer, host.nbytes)
 
         def run() -> None:  # reads the host array when the stream gets there, like cudaMemcpyAsync
-            self.blocks[pointer][: host.nbytes] = host.reshape(-1).view(np.uint8)
-            self.tags[pointer] = host.dtype.str
+            span[:] = host.reshape(-1).view(np.uint8)
+            self.tags[start] = host.dtype.str
 
         self._enqueue(run)
 
     def download(self, host: np.ndarray, pointer: int) -> None:
-        assert host.flags.c_contiguous and host.nbytes <= self.blocks[pointer].size, (host.shape, self.blocks[pointer].size)
+        assert host.flags.c_contiguous, host.shape
+        start, span = self._span(pointer, host.nbytes)
 
         def run() -> None:
-            assert self.tags[pointer] in (host.dtype.str, "zero"), f"download of {self.tags[pointer]} bytes into a {host.dtype} array"
-            host.reshape(-1).view(np.uint8)[:] = self.blocks[pointer][: host.nbytes]
+            assert self.tags[start] in (host.dtype.str, "zero"), f"download of {self.tags[start]} bytes into a {host.dtype} array"
+            host.reshape(-1).view(np.uint8)[:] = span
 
         self._enqueue(run)
 
@@ -142,20 +159,15 @@ class FakeCuda:
         self.closed = True
 
     def read(self, pointer: int, shape: tuple[int, ...], dtype: Any, name: str) -> np.ndarray:
-        start = self.block_of(pointer)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        block, offset = self.blocks[start], pointer - start
-        assert offset + nbytes <= block.size, f"{name}: read of {nbytes} bytes past a block of {block.size}"
+        start, span = self._span(pointer, int(np.prod(shape)) * np.dtype(dtype).itemsize)
         tag = self.tags[start]
         assert tag is not None, f"{name}: reads device memory that was never written (cudaMalloc does not zero it)"
         assert tag in (np.dtype(dtype).str, "zero"), f"{name}: device bytes hold {np.dtype(tag)} but the tensor is {np.dtype(dtype)}"
-        return block[offset:offset + nbytes].view(dtype).reshape(shape).copy()
+        return span.view(dtype).reshape(shape).copy()
 
     def write(self, pointer: int, value: np.ndarray, name: str) -> None:
-        start = self.block_of(pointer)
-        block, offset = self.blocks[start], pointer - start
-        assert offset + value.nbytes <= block.size, f"{name}: {value.nbytes} bytes into a block of {block.size - offset}"
-        block[offset:offset + value.nbytes] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        start, span = self._span(pointer, value.nbytes)
+        span[:] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         self.tags[start] = value.dtype.str
 
 

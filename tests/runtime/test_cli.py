@@ -46,7 +46,14 @@ def test_json_fields_are_present_and_consistent(build_dir, photo_files) -> None:
     assert tokens["into_llm"] == 288 and tokens["after_ficoco_l"] == 144
     assert tokens["prompt"] == tokens["text_before"] + tokens["into_llm"] + tokens["text_after"]
     assert tokens["generated"] == len(record["token_ids"]) <= 12
-    assert record["stop_reason"] == ("eos" if len(record["token_ids"]) < 12 else record["stop_reason"])
+    # The stop reason against the model's own EOS ids (the build's copy of generation_config.json, not the manifest):
+    # generation stops right after the first EOS, else at 12 tokens.
+    eos = json.loads((build / "generation_config.json").read_text())["eos_token_id"]
+    eos = set(eos if isinstance(eos, list) else [eos])
+    ids = record["token_ids"]
+    assert 1 <= len(ids) and not eos & set(ids[:-1])
+    assert record["stop_reason"] == ("eos" if ids[-1] in eos else "length")
+    assert record["stop_reason"] == "eos" or len(ids) == 12
     assert len(record["cache_lengths"]) == 8 and max(record["cache_lengths"]) == tokens["prompt"]
     assert min(record["cache_lengths"]) == tokens["prompt"] - 144
     for key in ("preprocess_ms", "vision_ms", "prefill_ms", "decode_ms", "time_to_first_token_ms", "total_ms", "peak_rss_mb"):

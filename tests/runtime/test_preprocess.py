@@ -34,7 +34,8 @@ from runtime.preprocess import (
 )
 
 TOL = 0.0  # backend "pil" against HF's PIL processors: bit-exact
-TV_TOL = 1e-6  # backend "torchvision" against HF's torchvision processors
+TV_TOL = 0.0  # backend "torchvision" against HF's torchvision processors: bit-exact too (issue 8 asks <= 1e-6;
+# exactness also pins the float32 order of the fused rescale + normalise, which is ~1e-7 from PIL's order)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -58,6 +59,9 @@ PROCESSORS: dict[str, tuple[str, dict[str, Any]]] = {
     "llava_next": ("LlavaNextImageProcessor", {"image_grid_pinpoints": PINPOINTS, "do_pad": True}),
     "next_2x2": ("LlavaNextImageProcessor", {"image_grid_pinpoints": [[672, 672]], "do_pad": True}),
 }
+# torchvision stress cases only: without a resize, small images reach the centre crop, which pads them (the
+# odd pixel goes after the image in torchvision, before it in PIL)
+TV_STRESS_KINDS = (*PROCESSORS, "crop_only")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -284,7 +288,7 @@ def test_too_small_or_too_thin_raises_image_error() -> None:
 def tv_cases(root: Path) -> dict[str, dict[str, Any]]:
     """{case: {kind, image (HF's input), how, ours (the runtime's input)}} for every torchvision comparison."""
     cases = {f"{k}-{n}": {"kind": k, "image": photo(n)} for k, n in PHOTO_CASES}
-    cases |= {f"{k}-{n}": {"kind": k, "image": stress_image(n)} for k in PROCESSORS for n in STRESS}
+    cases |= {f"{k}-{n}": {"kind": k, "image": stress_image(n)} for k in TV_STRESS_KINDS for n in STRESS}
     for size_hw in ((400, 800), (800, 400), (700, 700), (1000, 300), (300, 1000)):
         name = f"llava_next-pinpoint-{size_hw[0]}x{size_hw[1]}"
         cases[name] = {"kind": "llava_next", "image": Image.fromarray(noise(*size_hw, seed=sum(size_hw)))}
@@ -309,6 +313,7 @@ def tv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("torchvision")
     cases = tv_cases(root)
     processors = {kind: {"class": name, "kwargs": {**KWARGS, **extra}} for kind, (name, extra) in PROCESSORS.items()}
+    processors["crop_only"] = {"class": "CLIPImageProcessor", "kwargs": {**KWARGS, "do_resize": False}}
     ref = torchvision_shim.hf_torchvision(processors, cases, root / "work")
     return {"cases": cases, "ref": ref, "state": (state, ("torchvision" in sys.modules, list(sys.path)))}
 
@@ -345,9 +350,10 @@ def check_tv(tv: dict[str, Any], case: str, backend: str | None = None) -> None:
 def test_torchvision_reference_is_the_torchvision_processor(tv: dict[str, Any]) -> None:
     meta = tv["ref"]["_meta"]
     assert Path(meta["torchvision_file"]).resolve().is_relative_to((REPO / ".tv").resolve())
-    assert meta["classes"] == {kind: name for kind, (name, _) in PROCESSORS.items()}
+    classes = {kind: name for kind, (name, _) in PROCESSORS.items()}
+    assert meta["classes"] == {**classes, "crop_only": "CLIPImageProcessor"}
     assert {m["backend"] for m in meta["manifest"].values()} == {"torchvision"}
-    assert {tv_config(tv, kind).backend for kind in PROCESSORS} == {"torchvision"}
+    assert {tv_config(tv, kind).backend for kind in TV_STRESS_KINDS} == {"torchvision"}
 
 
 @pytest.mark.parametrize(("kind", "name"), PHOTO_CASES)
@@ -363,7 +369,7 @@ def test_pil_backend_fails_the_torchvision_comparison(tv: dict[str, Any], kind: 
     assert tv_diff(tv, f"{kind}-{name}", backend="pil") >= 0.99 / 255 / max(CLIP_STD)  # a whole uint8 level
 
 
-@pytest.mark.parametrize("kind", PROCESSORS)
+@pytest.mark.parametrize("kind", TV_STRESS_KINDS)
 @pytest.mark.parametrize("name", STRESS)
 def test_torchvision_stress(tv: dict[str, Any], kind: str, name: str) -> None:
     check_tv(tv, f"{kind}-{name}")
@@ -401,6 +407,9 @@ def test_tv_resize_equals_torch_interpolate() -> None:
     rng = np.random.default_rng(11)
     sizes = [tuple(int(v) for v in rng.integers(1, 600, 4)) for _ in range(40)]
     sizes += [(1, 1, 336, 336), (7, 5, 470, 336), (50, 2000, 336, 13440), (1411, 1411, 336, 336), (5, 900, 5, 3)]
+    # An output 1 pixel wide: torch's AVX2 kernel agrees (and asserts on 1x1), its generic uint8 kernel does not.
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        sizes += [(3000, 1, 1008, 1), (100, 50, 60, 1)]
     for index, (h, w, out_h, out_w) in enumerate(sizes):
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         for mode, code in (("bicubic", 3), ("bilinear", 2)) if index % 2 else (("bicubic", 3),):

@@ -1,0 +1,193 @@
+"""The parity gates: their limits follow the derivation, and deliberately broken exports fail them.
+
+Each broken export is made the way a real defect would arise (a changed forward or weight,
+exported with the project's own exporter) and run through `export.verify.verify`, the gate every
+build goes through, against the unbroken PyTorch model. An unbroken copy must pass the same gate,
+so each failure is the defect's.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import gates, pipeline, verify
+from export.graphs import GraphCache, PrefillGraph, graph_set
+from export.request import BuildRequest
+from ficoco.patch import llama
+from runtime import names
+
+# --------------------------------------------------------------------------- the limits
+
+
+def test_limits_follow_the_derivation():
+    """rtol = depth * (u_store + sqrt(K) * 2^-24), for SmolLM2-135M (30 layers + head, K = 1536) and Vicuna-7B."""
+    smol = gates.limits("fp32", 31, 1536)
+    assert smol.rtol == pytest.approx(31 * (2**-24) * (1 + math.sqrt(1536)))
+    assert 7e-5 < smol.rtol < 8e-5  # 10x above SmolLM2's measured fp32 rounding, 10x below a 1e-3 weight error
+    assert gates.limits("fp32", 33, 11008).rtol == pytest.approx(2.08e-4, rel=0.01)
+    assert gates.limits("fp16", 31, 1536).rtol == pytest.approx(31 * (2**-11 + math.sqrt(1536) * 2**-24))
+    assert gates.limits("fp32", 31, 1536).allowed_rows(0, 300) == 0  # fp32: no slack at all
+    assert gates.limits("fp16", 31, 1536).allowed_rows(3, 300) == 2 * 3 + 6
+    with pytest.raises(ValueError, match="precision 'int3'"):
+        gates.limits("int3", 1, 1)
+
+
+def test_judge_is_relative_to_the_output_and_counts_rows():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 25, (1, 3, 100, 64)).astype(np.float32)  # real keys reach |25|
+    noisy = ref * (1 + rng.normal(0, 1e-6, ref.shape).astype(np.float32))
+    assert gates.judge(ref, noisy, 7e-5, row_axis=2)["passed"]  # would fail an absolute 1e-4
+    assert np.abs(ref - noisy).max() > 1e-4
+    two_rows = noisy.copy()
+    two_rows[:, :, [5, 50]] += 1.0
+    assert gates.judge(two_rows, ref, 7e-5, 2, row_axis=2)["passed"]
+    figures = gates.judge(ref, two_rows, 7e-5, 1, row_axis=2)
+    assert not figures["passed"] and figures["bad_rows"] == 2
+    shorter = gates.judge(ref, ref[:, :, 1:], 1.0)
+    assert not shorter["passed"] and "shape" in shorter["reason"]
+    assert not gates.judge(ref, np.full_like(ref, np.nan), 1.0)["passed"]
+
+
+def test_kept_overlap_and_common_rows():
+    assert gates.kept_overlap(np.array([[1, 2, 3, 4]]), np.array([[1, 2, 3, 9]])) == 0.75
+    assert gates.kept_overlap(np.array([[1, 2, 3]]), np.array([[1, 2, 3, 4]])) == 0.0  # a different count
+    ref_idx, act_idx = gates.common_rows(np.array([2, 5, 7, 9]), np.array([2, 6, 7, 9]))
+    assert ref_idx.tolist() == [0, 2, 3] and act_idx.tolist() == [0, 2, 3]
+
+
+# --------------------------------------------------------------------------- broken exports
+
+
+class Reference:
+    """The unbroken patched model of a build, its torch graphs, and a copy of its ONNX files to break."""
+
+    def __init__(self, model_dir, variant: str, ratio: float, build, tmp_path):
+        self.request = BuildRequest(model=str(model_dir), variant=variant, ratio=ratio)
+        self.model, self.processor, _ = pipeline.load_model(self.request)
+        self.plan, self.layout = pipeline.patch(self.model, self.processor, self.request)
+        self.graphs = graph_set(self.model, self.plan, self.layout)
+        self.directory = tmp_path / "broken"
+        self.directory.mkdir()
+        for graph in names.GRAPHS:
+            for path in build.glob(f"{graph}.onnx*"):
+                shutil.copy(path, self.directory / path.name)
+
+    def export(self, graphs, graph: str) -> None:
+        sample = verify.make_sample(self.processor, self.model.config.image_token_id, verify.COMPARE_PROMPTS[0])
+        args = pipeline.example_args(graphs, sample)
+        pipeline.export_graph(graphs, graph, args[graph], self.directory, self.request.max_seq_len, False)
+
+    def verify(self) -> dict:
+        return verify.verify(self.directory, self.model, self.processor, self.graphs, "fp32")
+
+
+def rope_off_by_one(ref: Reference) -> None:
+    """Decoder layer 2 rotates its queries and keys for position p + 1 (cos/sin advanced by one step)."""
+    decoder = ref.model.model.language_model
+    theta = torch.cat([decoder.rotary_emb.inv_freq] * 2)
+
+    def shift(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        c, s = torch.cos(theta).to(cos.dtype), torch.sin(theta).to(cos.dtype)
+        kwargs["position_embeddings"] = (cos * c - sin * s, sin * c + cos * s)
+        return args, kwargs
+
+    handle = decoder.layers[2].self_attn.register_forward_pre_hook(shift, with_kwargs=True)
+    try:
+        ref.export(ref.graphs, names.PREFILL)
+    finally:
+        handle.remove()
+
+
+def kv_head_swapped(ref: Reference) -> None:
+    """Decoder layer 2's key projection has KV heads 0 and 1 exchanged."""
+    proj = ref.model.model.language_model.layers[2].self_attn.k_proj
+    dim = ref.model.config.text_config.head_dim
+    original = proj.weight.detach().clone()
+    with torch.no_grad():
+        proj.weight[:dim], proj.weight[dim : 2 * dim] = original[dim : 2 * dim], original[:dim]
+    try:
+        ref.export(ref.graphs, names.PREFILL)
+    finally:
+        with torch.no_grad():
+            proj.weight.copy_(original)
+
+
+def keep_count_off_by_one(ref: Reference) -> None:
+    """FiCoCo-L keeps one token more than the schedule says."""
+    kept = ref.plan.language_steps(ref.layout.visual_tokens)[-1].tokens_out
+    wrong = BuildRequest(model=ref.request.model, variant=ref.request.variant, tokens=kept + 1)
+    plan, layout = pipeline.patch(ref.model, ref.processor, wrong)
+    try:
+        ref.export(graph_set(ref.model, plan, layout), names.PREFILL)
+    finally:
+        pipeline.patch(ref.model, ref.processor, ref.request)  # the reference's own forward again
+
+
+class ShiftedSpanPrefill(PrefillGraph):
+    """PrefillGraph.forward with the FiCoCo-L span starting one token late (the defect)."""
+
+    def forward(self, input_ids_before, image_features, input_ids_after):
+        embed = self.inner.get_input_embeddings()
+        visual = self.visual(image_features)[None]
+        x = torch.cat([embed(input_ids_before), visual.to(embed.weight.dtype), embed(input_ids_after)], dim=1)
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+        steps = self.plan.language_steps(self.layout.visual_tokens)
+        span = (input_ids_before.shape[1] + 1, self.layout.visual_tokens)  # defect: + 1
+        cache = GraphCache()
+        hidden = llama.decoder_forward(self.inner.language_model, x, positions, cache, steps, span, self.plan.language_params)
+        return (self.lm_head(hidden[:, -1]), *cache.flat())
+
+
+def span_shifted(ref: Reference) -> None:
+    broken = graph_set(ref.model, ref.plan, ref.layout)
+    broken.prefill = ShiftedSpanPrefill(ref.model, ref.plan, ref.layout).eval()
+    ref.export(broken, names.PREFILL)
+
+
+def weight_perturbed(ref: Reference) -> None:
+    """One weight tensor of prefill.onnx, the middle decoder layer's MLP down projection, scaled by 1 + 1e-3."""
+    path = ref.directory / "prefill.onnx"
+    model = onnx.load(str(path))
+    text = ref.model.config.text_config
+    down = [t for t in model.graph.initializer if list(t.dims) == [text.intermediate_size, text.hidden_size]]
+    assert len(down) == text.num_hidden_layers, [t.name for t in model.graph.initializer]
+    tensor = down[len(down) // 2]
+    array = onnx.numpy_helper.to_array(tensor)
+    tensor.CopyFrom(onnx.numpy_helper.from_array((array * np.float32(1 + 1e-3)).astype(array.dtype), tensor.name))
+    onnx.save(model, str(path))
+
+
+DEFECTS = {
+    "rope-off-by-one": rope_off_by_one,
+    "kv-head-swapped": kv_head_swapped,
+    "keep-count-off-by-one": keep_count_off_by_one,
+    "weight-perturbed-1e-3": weight_perturbed,
+    "ficoco-l-span-shifted": span_shifted,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(build_dir, preset_dirs, tmp_path_factory):
+    build = build_dir("1.5-l")
+    return lambda: Reference(preset_dirs["tiny-llava-1.5"], "l", 0.5, build, tmp_path_factory.mktemp("gates"))
+
+
+def test_an_unbroken_copy_passes_the_gate(tiny_reference):
+    assert tiny_reference().verify()["passed"]
+
+
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_a_broken_export_fails_the_gate(tiny_reference, defect):
+    ref = tiny_reference()
+    DEFECTS[defect](ref)
+    record = ref.verify()
+    assert not record["passed"], defect
+    failing = gates.failing_rows(record)
+    assert any(row.startswith("prefill.") for row in failing), failing
