@@ -233,13 +233,13 @@ def judge_vision(pairs, limits: gates.Limits) -> dict:
         overlaps.append(gates.kept_overlap(ref_kept, act_kept))
         ref_f, act_f = ref[names.IMAGE_FEATURES], act[names.IMAGE_FEATURES]
         if ref_f.shape != act_f.shape or ref_kept.shape != act_kept.shape:
-            features.append(gates.judge(ref_f, act_f, limits.rtol))
+            features.append(gates.judge(ref_f, act_f, limits))
             continue
         aligned = [common_rows_of(r, a) for r, a in zip(ref_kept, act_kept)]
         ref_rows = np.concatenate([f[i] for f, (i, _) in zip(ref_f, aligned)])
         act_rows = np.concatenate([f[j] for f, (_, j) in zip(act_f, aligned)])
         flips = ref_kept.size - len(ref_rows)
-        features.append(gates.judge(ref_rows, act_rows, limits.rtol, limits.allowed_rows(flips, len(ref_rows)), row_axis=0))
+        features.append(gates.judge(ref_rows, act_rows, limits, limits.allowed_rows(flips, len(ref_rows)), row_axis=0))
     overlap = min(overlaps)
     return {names.IMAGE_FEATURES: worst(features),
             names.KEPT_POSITIONS: {"overlap": overlap, "passed": overlap >= limits.kept}}
@@ -272,18 +272,18 @@ def judge_prefill(pairs, feeds, limits: gates.Limits, steps, kept_names: list[st
             figures.setdefault(f"language_kept.{step.layer}", []).append({"overlap": overlap, "passed": overlap >= limits.kept})
             flips_total += len(r_pos) - len(gates.common_rows(r_pos, a_pos)[0])
         allowed_logits = 1 if flips_total else 0  # after a flip the logits are judged by token agreement
-        figures.setdefault(names.LOGITS, []).append(gates.judge(ref[names.LOGITS], act[names.LOGITS], limits.rtol, allowed_logits))
+        figures.setdefault(names.LOGITS, []).append(gates.judge(ref[names.LOGITS], act[names.LOGITS], limits, allowed_logits))
         for layer in range(layers):
             done = [i for i, step in enumerate(steps) if step.layer < layer]
             for kind in ("key", "value"):
                 name = names.present(layer, kind)
                 r, a = ref[name], act[name]
                 if not done or r.shape != a.shape:
-                    figures.setdefault(name, []).append(gates.judge(r, a, limits.rtol, 0, row_axis=2))
+                    figures.setdefault(name, []).append(gates.judge(r, a, limits, 0, row_axis=2))
                     continue
                 ref_rows, act_rows, flips = prefill_rows(ref_pos[done[-1]], act_pos[done[-1]], before, after)
                 allowed = limits.allowed_rows(flips, len(ref_rows) - before - after)
-                figures.setdefault(name, []).append(gates.judge(r[:, :, ref_rows], a[:, :, act_rows], limits.rtol, allowed, row_axis=2))
+                figures.setdefault(name, []).append(gates.judge(r[:, :, ref_rows], a[:, :, act_rows], limits, allowed, row_axis=2))
     return {name: worst(per_feed) if name.startswith(("logits", "present")) else min(per_feed, key=lambda f: f["overlap"])
             for name, per_feed in figures.items()}
 
@@ -293,7 +293,7 @@ def judge_decode(pairs, limits: gates.Limits) -> dict:
     figures: dict[str, list] = {}
     for ref, act in pairs:
         for name in ref:
-            figures.setdefault(name, []).append(gates.judge(ref[name], act[name], limits.rtol, 0, None if name == names.LOGITS else 2))
+            figures.setdefault(name, []).append(gates.judge(ref[name], act[name], limits, 0, None if name == names.LOGITS else 2))
     return {name: worst(per_feed) for name, per_feed in figures.items()}
 
 

@@ -70,12 +70,12 @@ def config_path(model: str | Path) -> Path:
         return path / "config.json"
     if path.is_file():
         return path
-    from ficoco.presets import PRESETS, resolve_model_dir
+    from ficoco.presets import preset_names, resolve_model_dir
 
-    if str(model) in PRESETS:
+    if str(model) in preset_names():
         return resolve_model_dir(str(model)) / "config.json"
     raise ValueError(f"model {str(model)!r} is neither a shipped config ({', '.join(shipped_models())}), "
-                     f"a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+                     f"a preset ({', '.join(preset_names())}) nor a directory with config.json")
 
 
 def complete(config: dict) -> dict:

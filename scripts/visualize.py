@@ -180,11 +180,11 @@ def visualize(model_name: str, image: Image.Image, variant: str, ratio: float, o
     The PNG carries the same list as JSON in its text chunk "ficoco".
     """
     from ficoco import FiCoCoConfig
-    from ficoco.presets import PRESETS, load
+    from ficoco.presets import preset_names, load
 
     model, processor = load(model_name)
     rgb, steps, plan = trace(model, processor, image, FiCoCoConfig(variant, ratio=ratio))
-    preset = " (tiny preset: random weights)" if str(model_name) in PRESETS else ""
+    preset = " (preset: random vision weights)" if str(model_name) in preset_names() else ""
     header = (f"FiCoCo-{variant.upper()} on {Path(str(model_name)).name}{preset}, ratio {ratio}: "
               f"{plan.geometry.patches} -> {plan.vision_tokens} patches per crop over encoder layers "
               f"{plan.vision[0].layer}-{plan.vision[-1].layer}")

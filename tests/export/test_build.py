@@ -65,10 +65,30 @@ def test_token_counts_follow_the_schedule(build_dir):
     assert next_schedule["visual_tokens"] == 288 * 5 + 2  # base + 4 crops, one newline per row of crops
 
 
-def test_verify_reruns_on_an_existing_build(build_dir):
+def test_verify_reruns_on_an_existing_build(build_dir, preset_dirs, capsys):
+    """The manifest names the model without a local path, so a checkpoint directory is given again and
+    must be the one the build was made from."""
     from export.verify import main as verify_main
 
-    assert verify_main([str(build_dir("1.5-l"))]) == 0
+    build = build_dir("1.5-l")
+    assert verify_main([str(build)]) == 2 and "pass --model DIR" in capsys.readouterr().err
+    assert verify_main([str(build), "--model", str(preset_dirs["tiny-llava-next"])]) == 2
+    assert "not the one this build was made from" in capsys.readouterr().err
+    assert verify_main([str(build), "--model", str(preset_dirs["tiny-llava-1.5"])]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+
+
+def test_bf16_builds_with_no_verify_and_says_so(tmp_path, capsys):
+    """The README's bf16 recipe: ONNX Runtime's CPU provider has no bf16 kernels, so --no-verify is required."""
+    out = tmp_path / "bf16"
+    assert main(["--ratio", "0.5", "--precision", "bf16", "--backend", "none", "--out", str(out)]) == 2
+    assert "add --no-verify" in capsys.readouterr().err and not out.exists()
+    assert main(["--ratio", "0.5", "--precision", "bf16", "--no-verify", "--backend", "none", "--out", str(out)]) == 0
+    manifest = read(out)
+    assert manifest["parity"] is None and not (out / "parity.json").exists()
+    assert "NOT VERIFIED" in capsys.readouterr().out
+    graph = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.graph.initializer)
 
 
 @requires_rtx

@@ -26,12 +26,15 @@ from runtime import names
 
 
 def test_limits_follow_the_derivation():
-    """rtol = depth * (u_store + sqrt(K) * 2^-24), for SmolLM2-135M (30 layers + head, K = 1536) and Vicuna-7B."""
+    """sigma = depth * (u_store + sqrt(K) * 2^-24), rtol = sqrt(2 ln n) * sigma; SmolLM2-135M (30 layers + head,
+    K = 1536) and Vicuna-7B (32 + head, K = 11008)."""
     smol = gates.limits("fp32", 31, 1536)
-    assert smol.rtol == pytest.approx(31 * (2**-24) * (1 + math.sqrt(1536)))
-    assert 7e-5 < smol.rtol < 8e-5  # 10x above SmolLM2's measured fp32 rounding, 10x below a 1e-3 weight error
-    assert gates.limits("fp32", 33, 11008).rtol == pytest.approx(2.08e-4, rel=0.01)
-    assert gates.limits("fp16", 31, 1536).rtol == pytest.approx(31 * (2**-11 + math.sqrt(1536) * 2**-24))
+    assert smol.sigma == pytest.approx(31 * (2**-24) * (1 + math.sqrt(1536)))
+    kv = 3 * 650 * 64  # one SmolLM2 KV output of a 650-token prompt
+    assert smol.rtol(kv) == pytest.approx(math.sqrt(2 * math.log(kv)) * smol.sigma)
+    assert 2e-4 < smol.rtol(kv) < 5e-4  # 7x above SmolLM2's measured fp32 rounding, 10x below a 1e-3 weight error
+    assert gates.limits("fp32", 33, 11008).sigma == pytest.approx(2.08e-4, rel=0.01)
+    assert gates.limits("fp16", 31, 1536).sigma == pytest.approx(31 * (2**-11 + math.sqrt(1536) * 2**-24))
     assert gates.limits("fp32", 31, 1536).allowed_rows(0, 300) == 0  # fp32: no slack at all
     assert gates.limits("fp16", 31, 1536).allowed_rows(3, 300) == 2 * 3 + 6
     with pytest.raises(ValueError, match="precision 'int3'"):
@@ -40,18 +43,21 @@ def test_limits_follow_the_derivation():
 
 def test_judge_is_relative_to_the_output_and_counts_rows():
     rng = np.random.default_rng(0)
+    limits = gates.limits("fp32", 31, 1536)
     ref = rng.normal(0, 25, (1, 3, 100, 64)).astype(np.float32)  # real keys reach |25|
     noisy = ref * (1 + rng.normal(0, 1e-6, ref.shape).astype(np.float32))
-    assert gates.judge(ref, noisy, 7e-5, row_axis=2)["passed"]  # would fail an absolute 1e-4
+    assert gates.judge(ref, noisy, limits, row_axis=2)["passed"]  # would fail an absolute 1e-4
     assert np.abs(ref - noisy).max() > 1e-4
     two_rows = noisy.copy()
     two_rows[:, :, [5, 50]] += 1.0
-    assert gates.judge(two_rows, ref, 7e-5, 2, row_axis=2)["passed"]
-    figures = gates.judge(ref, two_rows, 7e-5, 1, row_axis=2)
+    assert gates.judge(two_rows, ref, limits, 2, row_axis=2)["passed"]
+    figures = gates.judge(ref, two_rows, limits, 1, row_axis=2)
     assert not figures["passed"] and figures["bad_rows"] == 2
-    shorter = gates.judge(ref, ref[:, :, 1:], 1.0)
+    scaled = gates.judge(ref, ref * np.float32(1 + 1e-3), limits)  # a 1e-3 relative error
+    assert not scaled["passed"] and scaled["normalized"] > 2 * scaled["rtol"]
+    shorter = gates.judge(ref, ref[:, :, 1:], limits)
     assert not shorter["passed"] and "shape" in shorter["reason"]
-    assert not gates.judge(ref, np.full_like(ref, np.nan), 1.0)["passed"]
+    assert not gates.judge(ref, np.full_like(ref, np.nan), limits)["passed"]
 
 
 def test_kept_overlap_and_common_rows():
@@ -191,3 +197,19 @@ def test_a_broken_export_fails_the_gate(tiny_reference, defect):
     assert not record["passed"], defect
     failing = gates.failing_rows(record)
     assert any(row.startswith("prefill.") for row in failing), failing
+
+
+def test_the_report_prints_every_failing_output_marked_failed():
+    limits = gates.limits("fp32", 31, 1536)
+    ok = gates.judge(np.ones((1, 3, 4, 8)), np.ones((1, 3, 4, 8)), limits, row_axis=2)
+    bad = gates.judge(np.ones((1, 3, 4, 8)), np.full((1, 3, 4, 8), 1.1), limits, row_axis=2)
+    record = {
+        "graphs": {"prefill": {"outputs": {"logits": ok, "present.0.key": ok, "present.1.key": bad, "present.2.value": bad}}},
+        "end_to_end": {"passed": True, "identical": True, "onnx_tokens": [1], "torch_tokens": [1],
+                       "teacher_forced": {"agreement": 1.0, "positions": 1, "prompts": 1}},
+    }
+    lines = gates.report_lines(record)
+    failing = [line for line in lines if "FAIL" in line]
+    assert [line.split()[0] for line in failing] == ["prefill.present.1.key", "prefill.present.2.value"]
+    assert not any(line.startswith("prefill.present.0.key") for line in lines)  # passing caches are summarised
+    assert gates.failing_rows(record) == ["prefill.present.1.key", "prefill.present.2.value"]

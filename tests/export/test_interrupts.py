@@ -63,7 +63,7 @@ def test_a_signal_is_one_line_and_leaves_nothing(tmp_path, stage, signum):
 
 def test_a_killed_build_leaves_debris_that_the_next_build_removes(tmp_path):
     out = tmp_path / "b"
-    code, _ = stop_at(start_build(out), "4", signal.SIGKILL)
+    code, _ = stop_at(start_build(out), "2", signal.SIGKILL)
     assert code == -signal.SIGKILL
     [debris] = temp_dirs(tmp_path)
     owner = json.loads((debris / workspace.OWNER).read_text())
