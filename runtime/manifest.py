@@ -4,8 +4,10 @@ No torch, no transformers: this module runs on the device. Schema (version 1):
 
     schema, schema_version        "ficoco-build", 1
     created                       ISO time of the build
-    source                        {model, architecture, text: {layers, hidden, kv_heads, head_dim, vocab,
-                                   image_token_id, eos_token_ids}}
+    source                        {model (a preset name or the checkpoint directory's base name, never a
+                                   local path), preset, fingerprint (sha256 of config.json and the weight
+                                   files' names and sizes), architecture, text: {layers, hidden, kv_heads,
+                                   head_dim, vocab, image_token_id, eos_token_ids}}
     variant, ficoco               the FiCoCo variant ("none" for an unreduced build) and its settings
     schedule                      {vision: [[layer, in, out], ...] per crop, language: [...],
                                    patches_per_crop, kept_per_crop, crops, grid, visual_tokens}
@@ -14,9 +16,12 @@ No torch, no transformers: this module runs on the device. Schema (version 1):
                                    inputs: [{name, shape, dtype}], outputs: [...]}}
     engines                       same keys, engine files (empty when no TensorRT build)
     tensorrt                      {flavour, version, compute_capabilities, trtexec: {graph: command}} or null
-    preprocess                    the Hugging Face image-processor settings (dict)
+    preprocess                    the Hugging Face image-processor settings (dict), with "backend": "pil" |
+                                   "torchvision", the processor the build was verified with
     tokenizer                     {files: [{file, sha256, bytes}] (tokenizer.json, chat_template.jinja, ...), image_token}
-    libraries, flops, parity      versions; FLOPs estimate; verification figures
+    libraries, flops              versions; FLOPs estimate
+    parity                        the verification record (export/gates.py): {limits, graphs, end_to_end,
+                                   passed}; passed false for --allow-parity-failure, null for --no-verify
 """
 
 from __future__ import annotations
