@@ -189,18 +189,20 @@ def graph_functions(graphs) -> dict:
     }
 
 
-def onnx_runner(onnx_path: Path, outputs: list[str]) -> OnnxrtRunner:
-    """ONNX Runtime (CPU) over the graph, with `outputs` marked (the graph's own plus internal tensors)."""
+def onnx_runner(onnx_path: Path, outputs: list[str]) -> tuple[OnnxrtRunner, Path | None]:
+    """ONNX Runtime (CPU) over the graph with `outputs` marked (the graph's own plus internal tensors), and
+    the temporary copy to delete afterwards (a graph with external data is re-saved beside it, so that
+    its data file resolves; everything else stays in memory)."""
     model = onnx.load(str(onnx_path), load_external_data=False)
+    providers = ["CPUExecutionProvider"]
     if [o.name for o in model.graph.output] == outputs:
-        return OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))
+        return OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers)), None
     marked = ModifyOutputs(model, outputs=outputs)()
-    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in marked.graph.initializer)
-    if not has_external:
-        return OnnxrtRunner(SessionFromOnnx(BytesFromOnnx(marked), providers=["CPUExecutionProvider"]))
-    copy = onnx_path.with_name(f".{onnx_path.stem}.verify.onnx")  # beside it, so external data resolves
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in marked.graph.initializer):
+        return OnnxrtRunner(SessionFromOnnx(BytesFromOnnx(marked), providers=providers)), None
+    copy = onnx_path.with_name(f".{onnx_path.stem}.verify.onnx")
     onnx.save(marked, str(copy))
-    return OnnxrtRunner(SessionFromOnnx(str(copy), providers=["CPUExecutionProvider"]), name=str(copy))
+    return OnnxrtRunner(SessionFromOnnx(str(copy), providers=providers)), copy
 
 
 def run_pair(fn, onnx_path: Path, feeds: list[dict], outputs: list[str]) -> list[tuple[dict, dict]]:
@@ -209,12 +211,12 @@ def run_pair(fn, onnx_path: Path, feeds: list[dict], outputs: list[str]) -> list
     for name, value in feeds[0].items():  # dims that differ between feeds are dynamic (-1)
         shape = [d if all(f[name].shape[i] == d for f in feeds) else -1 for i, d in enumerate(value.shape)]
         metadata.add(name, value.dtype, shape)
-    ort_runner = onnx_runner(onnx_path, outputs)
+    ort_runner, temporary = onnx_runner(onnx_path, outputs)
     try:
         results = Comparator.run([TorchRunner(fn, metadata, outputs), ort_runner], data_loader=feeds)
     finally:
-        if ort_runner.name.endswith(".verify.onnx"):
-            Path(ort_runner.name).unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
     return [({n: np.asarray(a[n]) for n in outputs}, {n: np.asarray(b[n]) for n in outputs})
             for a, b in zip(results[0][1], results[1][1])]
 
@@ -306,12 +308,13 @@ def compare_graphs(directory: Path, graphs, samples: list[Sample], limits: dict)
         _, outputs = names.io_names(graph, graphs.layers)
         path = directory / f"{graph}.onnx"
         if graph == names.PREFILL:
-            kept_names = language_kept_tensors(path)[: len(steps)] if steps else []
-            if len(kept_names) != len(steps):  # a graph without the step it should have
-                kept_names = []
-            pairs = run_pair(functions[graph], path, feeds[graph], [*outputs, *kept_names]) if kept_names or not steps else None
-            judged = (judge_prefill(pairs, feeds[graph], limits["text"], steps, kept_names, graphs.layers) if pairs is not None
-                      else {"language_kept": {"passed": False, "reason": f"prefill.onnx has no FiCoCo-L kept set for {len(steps)} step(s)"}})
+            kept_names = language_kept_tensors(path)
+            if len(kept_names) != len(steps):
+                reason = f"prefill.onnx holds {len(kept_names)} FiCoCo-L kept set(s); the schedule has {len(steps)} step(s)"
+                judged = {"language_kept": {"passed": False, "reason": reason}}
+            else:
+                pairs = run_pair(functions[graph], path, feeds[graph], [*outputs, *kept_names])
+                judged = judge_prefill(pairs, feeds[graph], limits["text"], steps, kept_names, graphs.layers)
         elif graph == names.VISION:
             judged = judge_vision(run_pair(functions[graph], path, feeds[graph], outputs), limits["vision"])
         else:

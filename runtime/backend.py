@@ -30,6 +30,7 @@ import numpy as np
 
 from . import device
 from .cuda import cuda_allocator
+from .device import cuda_devices  # noqa: F401  (re-exported: CUDA devices through libcuda, imports nothing)
 from .errors import (  # noqa: F401  (re-exported: the runtime's public error types live here too)
     HINTS,
     TRT_MODULES,
@@ -62,12 +63,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def cuda_devices() -> int:
-    """CUDA devices the driver reports (0 without a driver); asks libcuda through ctypes, imports nothing."""
-    found = device.driver()
-    return found.devices if found else 0
-
-
 def trt_flavour(build: Build) -> str:
     """The TensorRT flavour of the build's engines; BuildError when it has none."""
     flavour = build.tensorrt_flavour
@@ -81,15 +76,16 @@ def trt_flavour(build: Build) -> str:
     return flavour
 
 
-def tensorrt_problem(build: Build) -> Exception | None:
-    """Why TensorRT cannot run this build's engines here, as the error `--backend tensorrt` raises; None if it can."""
+def tensorrt_problem(build: Build, found: device.Driver | None = None) -> Exception | None:
+    """Why TensorRT cannot run this build's engines here, as the error `--backend tensorrt` raises; None if it can.
+    `found`: the CUDA driver as `device.driver()` reports it (asked for when not given)."""
     try:
         flavour = trt_flavour(build)
     except BuildError as error:
         return error
     if not any(has_module(m) for m in TRT_MODULES[flavour]):
         return BackendNotInstalledError(trt_install_hint(flavour, build.directory))
-    found = device.driver()
+    found = found if found is not None else device.driver()
     if found is None or found.devices < 1:
         return BackendNotInstalledError("no CUDA device is visible; the TensorRT backend needs one (use --backend onnxruntime)")
     if not cuda_allocator():
@@ -115,12 +111,13 @@ def resolve(choice: str, build: Build) -> str:
         raise BackendNotInstalledError(f"unknown backend {choice!r}; choose one of {', '.join(CHOICES)}")
     if choice == ONNXRUNTIME:
         return choice
-    problem = tensorrt_problem(build)
+    found = device.driver()
+    problem = tensorrt_problem(build, found)
     if problem is None:
         return TENSORRT
     if choice == TENSORRT:
         raise problem
-    if cuda_devices() > 0:
+    if found is not None and found.devices > 0:
         print(f"note: using ONNX Runtime, not TensorRT: {' '.join(str(problem).split())}", file=sys.stderr, flush=True)
     return ONNXRUNTIME
 

@@ -430,6 +430,10 @@ def test_the_fake_uses_only_names_tensorrt_rtx_has() -> None:
     assert {m: int(v) for m, v in Strategy.__members__.items()} == \
         {m: int(v) for m, v in trt.DynamicShapesKernelSpecializationStrategy.__members__.items()}
     assert {"INPUT", "OUTPUT"} <= set(trt.TensorIOMode.__members__) and hasattr(trt.ILogger, "ERROR")
+    used = {trt.ICudaEngine: ("num_io_tensors",), trt.IRuntimeConfig: ("dynamic_shapes_kernel_specialization_strategy",),
+            trt.Runtime: ("engine_header_size", "get_engine_validity")}  # what backend_trt uses beyond the fake's methods
+    assert all(hasattr(cls, name) for cls, names_ in used.items() for name in names_)
+    assert hasattr(trt, "EngineValidity") and hasattr(trt, "EngineInvalidityDiagnostics")
 
 
 # --- on a real GPU ------------------------------------------------------------------------------------------
