@@ -32,12 +32,10 @@ def source_entry(model_arg: str, directory: Path) -> dict:
     return {"model": name, "preset": model_arg in PRESETS, "fingerprint": fingerprint(directory)}
 
 
-def reload_for_verify(manifest: dict, model: str | None = None):
-    """(model, processor, graphs) of an existing build; `model` is the checkpoint directory unless a preset."""
+def source_dir(manifest: dict, model: str | Path | None = None) -> Path:
+    """The checkpoint directory a build was made from: `model` (a directory or preset name), else the
+    manifest's preset; its fingerprint must match the manifest's."""
     from ficoco.presets import resolve_model_dir
-
-    from . import pipeline
-    from .graphs import graph_set
 
     source = manifest["source"]
     if model is None:
@@ -46,9 +44,17 @@ def reload_for_verify(manifest: dict, model: str | None = None):
         model = source["model"]
     directory = resolve_model_dir(model)
     if fingerprint(directory) != source.get("fingerprint"):
-        raise ValueError(f"model {model!r} is not the one this build was made from (fingerprint differs)")
+        raise ValueError(f"model {str(model)!r} is not the one this build was made from (fingerprint differs)")
+    return directory
+
+
+def reload_for_verify(manifest: dict, model: str | Path | None = None):
+    """(model, processor, graphs) of an existing build; `model` is the checkpoint directory unless a preset."""
+    from . import pipeline
+    from .graphs import graph_set
+
     request = BuildRequest(
-        model=str(directory), variant=manifest["variant"],
+        model=str(source_dir(manifest, model)), variant=manifest["variant"],
         ratio=manifest["ficoco"]["ratio"] if manifest["variant"] != "none" else None,
         tokens=manifest["ficoco"]["tokens"], precision=manifest["precision"], max_seq_len=manifest["max_seq_len"],
         grid=tuple(manifest["schedule"]["grid"] or (2, 2)),
@@ -56,6 +62,3 @@ def reload_for_verify(manifest: dict, model: str | None = None):
     loaded, processor, _ = pipeline.load_model(request)
     plan, layout = pipeline.patch(loaded, processor, request)
     return loaded, processor, graph_set(loaded, plan, layout)
-
-
-

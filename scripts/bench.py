@@ -194,11 +194,13 @@ def bench_chat(mode: Mode, args, work: Path, log) -> tuple[dict, dict]:
     from runtime import bench as runtime_bench
     from runtime.manifest import read
 
-    builds = M.chat_builds(mode, args, work, log)
+    from export.reload import source_dir
+
+    builds, source = M.chat_builds(mode, args, work, log)
     manifests = {key: read(build) for key, build in builds.items()}
     config, label = ficoco_config(manifests["ficoco"])
     with M.quiet(log):
-        model, processor = load(manifests["ficoco"]["source"]["path"])
+        model, processor = load(source or source_dir(manifests["ficoco"]))
     image, reps, warm, n = M.test_image(), args.repeats, args.warmup, mode.new_tokens
     hf = partial(M.hf_run, model, processor, image, INSTRUCTION, n)
     rows = [{"system": "Hugging Face eager (PyTorch)", "setting": "unreduced", **M.repeat_runs(hf, reps, warm)}]
@@ -218,7 +220,7 @@ def bench_chat(mode: Mode, args, work: Path, log) -> tuple[dict, dict]:
     hf_tokens = {r["setting"]: r["token_ids"] for r in rows if r["system"].startswith("Hugging")}
     for row in rows:
         row["same_tokens_as_hf"] = row.pop("token_ids") == hf_tokens[row["setting"]]
-    described = {"source": manifests["ficoco"]["source"]["path"], "kind": "given build" if args.build else mode.chat,
+    described = {"source": manifests["ficoco"]["source"]["model"], "kind": "given build" if args.build else mode.chat,
                  "builds": {k: str(v) for k, v in builds.items()}, "parity_passed": {k: m["parity"]["passed"] for k, m in manifests.items()},
                  "visual_tokens": manifests["ficoco"]["schedule"]["visual_tokens"], "new_tokens": n, "instruction": INSTRUCTION,
                  **M.describe_model(model)}

@@ -375,10 +375,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def chat_builds(mode, args, work: Path, log) -> dict[str, Path]:
-    """{"ficoco": build, "none": unreduced build (when made)}: --build, or export.build of the chat model."""
+def chat_builds(mode, args, work: Path, log) -> tuple[dict[str, Path], Path | None]:
+    """({"ficoco": build, "none": unreduced build (when made)}, the chat model's directory): --build (whose
+    model is then found from its manifest), or export.build of the chat model."""
     if args.build:
-        return {"ficoco": args.build, **({"none": args.baseline_build} if args.baseline_build else {})}
+        return {"ficoco": args.build, **({"none": args.baseline_build} if args.baseline_build else {})}, None
     from export.build import main as build_main
 
     with quiet(log):
@@ -396,4 +397,4 @@ def chat_builds(mode, args, work: Path, log) -> dict[str, Path]:
         if code != 0:
             raise RuntimeError(f"python -m export.build {' '.join(argv)} failed (exit {code}); see bench.log")
         builds[key] = out
-    return builds
+    return builds, source

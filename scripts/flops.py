@@ -211,13 +211,17 @@ def _prefill_terms(config: dict, steps: list[list[int]], text_after: int) -> dic
 
 
 def cross_check(build_dir: str | Path, text_before: int = 5, text_after: int = 55,
-                model_config: dict | None = None) -> list[CrossCheck]:
+                model_config: dict | None = None, model: str | Path | None = None) -> list[CrossCheck]:
     """Count vision.onnx and prefill.onnx of an `export.build` build against the analytic model (same schedule)."""
     build = Path(build_dir)
     if not (build / "manifest.json").is_file():
         raise ValueError(f"{str(build)!r} is not an export.build directory (no manifest.json)")
     manifest = json.loads((build / "manifest.json").read_text())
-    config = model_config or load_model_config(manifest["source"]["path"])
+    if model_config is None:
+        from export.reload import source_dir
+
+        model_config = load_model_config(source_dir(manifest, model))  # the checkpoint the build was made from
+    config = model_config
     s = manifest["schedule"]
     geometry = config_geometry(config)
     vision_model, text_model = F.vision_of(config["vision_config"]), F.text_of(config["text_config"])
@@ -276,9 +280,9 @@ def report_budget(config: dict, args: argparse.Namespace) -> list[str]:
             f"  schedule: {describe_schedule(c.schedule)}"]
 
 
-def report_onnx(build_dir: Path) -> list[str]:
+def report_onnx(build_dir: Path, model: str | None = None) -> list[str]:
     lines = [f"ONNX cross-check of {build_dir} (text_before 5, text_after 55):"]
-    for row in cross_check(build_dir):
+    for row in cross_check(build_dir, model=model):
         lines.append(f"  {row.graph}: ONNX MatMul/Gemm {row.onnx / 1e9:.4f} GFLOPs vs analytic {row.analytic / 1e9:.4f} "
                      f"({row.relative:+.2%}); unexplained {row.unexplained / 1e9:.6f} GFLOPs")
         lines += [f"    {name}: {value / 1e9:+.4f} GFLOPs" for name, value in row.terms.items()]
@@ -289,7 +293,8 @@ def report_onnx(build_dir: Path) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/flops.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llava-1.5-7b", help=f"shipped config ({', '.join(shipped_models())}), checkpoint dir or preset")
+    p.add_argument("--model", help=f"shipped config ({', '.join(shipped_models())}; default llava-1.5-7b), checkpoint dir "
+                   "or preset; with --onnx, the checkpoint the build was made from (not needed for presets)")
     p.add_argument("--all", action="store_true", help="report every shipped config")
     p.add_argument("--tflops", type=float, help="find the tokens kept per crop that meet this budget")
     p.add_argument("--variant", default="v", choices=VARIANTS, help="variant for --tflops (default v: the paper's count)")
@@ -305,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lines = [f"convention: {CONVENTION.format(text=args.text_tokens)}"]
         if args.onnx is not None:
-            lines += report_onnx(args.onnx)
+            lines += report_onnx(args.onnx, args.model)
         else:
-            for name in shipped_models() if args.all else [args.model]:
+            for name in shipped_models() if args.all else [args.model or "llava-1.5-7b"]:
                 config = load_model_config(name)
                 lines += report_budget(config, args) if args.tflops is not None else report_model(str(name), config, args)
     except ValueError as error:

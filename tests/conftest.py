@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,33 +94,37 @@ def _export(args: list[str], out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def build_dir(tmp_path_factory, preset_dirs):
-    """build_dir(name) -> the directory of BUILDS[name], made through `python -m export.build` on first use."""
+def _builds(tmp_path_factory, arguments) -> Callable[[str], Path]:
+    """name -> build directory, exported with `arguments(name)` on first use and shared for the session."""
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in made:
-            preset, variant, ratio = BUILDS[name]
-            args = ["--model", str(preset_dirs[preset]), "--variant", variant, "--ratio", str(ratio),
-                    "--backend", "tensorrt-rtx" if rtx_installed() else "none"]
-            made[name] = _export(args, tmp_path_factory.mktemp("builds") / name)
+            made[name] = _export(arguments(name), tmp_path_factory.mktemp("builds") / name)
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory, preset_dirs):
+    """build_dir(name) -> the directory of BUILDS[name], made through `python -m export.build` on first use."""
+
+    def arguments(name: str) -> list[str]:
+        preset, variant, ratio = BUILDS[name]
+        return ["--model", str(preset_dirs[preset]), "--variant", variant, "--ratio", str(ratio),
+                "--backend", "tensorrt-rtx" if rtx_installed() else "none"]
+
+    return _builds(tmp_path_factory, arguments)
 
 
 @pytest.fixture(scope="session")
 def real_build_dir(tmp_path_factory, smol_dir):
     """real_build_dir(name) -> the directory of REAL_BUILDS[name] (`--model smol-llava-1.5`), made on first use."""
-    made: dict[str, Path] = {}
 
-    def get(name: str) -> Path:
-        if name not in made:
-            variant, ratio, precision = REAL_BUILDS[name]
-            args = ["--model", "smol-llava-1.5", "--variant", variant, "--ratio", str(ratio),
-                    "--precision", precision, "--backend", "none"]
-            made[name] = _export(args, tmp_path_factory.mktemp("builds") / name)
-        return made[name]
+    def arguments(name: str) -> list[str]:
+        variant, ratio, precision = REAL_BUILDS[name]
+        return ["--model", "smol-llava-1.5", "--variant", variant, "--ratio", str(ratio),
+                "--precision", precision, "--backend", "none"]
 
-    return get
+    return _builds(tmp_path_factory, arguments)

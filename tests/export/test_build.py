@@ -78,11 +78,17 @@ def test_verify_reruns_on_an_existing_build(build_dir, preset_dirs, capsys):
     assert "FAIL" not in capsys.readouterr().out
 
 
-def test_bf16_builds_with_no_verify_and_says_so(tmp_path, capsys):
-    """The README's bf16 recipe: ONNX Runtime's CPU provider has no bf16 kernels, so --no-verify is required."""
+def test_bf16_needs_no_verify(tmp_path, capsys):
+    """ONNX Runtime's CPU provider has no bf16 kernels: a bf16 build without --no-verify is refused up front."""
     out = tmp_path / "bf16"
     assert main(["--ratio", "0.5", "--precision", "bf16", "--backend", "none", "--out", str(out)]) == 2
     assert "add --no-verify" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_bf16_builds_with_no_verify_and_says_so(tmp_path, capsys):
+    """The README's bf16 recipe (about a minute: a whole export, so run with -m slow)."""
+    out = tmp_path / "bf16"
     assert main(["--ratio", "0.5", "--precision", "bf16", "--no-verify", "--backend", "none", "--out", str(out)]) == 0
     manifest = read(out)
     assert manifest["parity"] is None and not (out / "parity.json").exists()

@@ -26,13 +26,14 @@ NEW_TOKENS = 24
 INSTRUCTIONS = ("Describe the image.", "What is the colour of the sky in this picture, and why? ¿Qué es? 日本")
 
 
-def reference_model(build: Path) -> tuple[Any, Any]:
-    """The patched HF model and processor of a build, the NeXT grid pinned as export.pipeline.fix_grid does."""
+def reference_model(build: Path, source: Path) -> tuple[Any, Any]:
+    """The patched HF model and processor of a build made from checkpoint `source`, the NeXT grid pinned as
+    export.pipeline.fix_grid does."""
     from ficoco import FiCoCoConfig, apply
     from ficoco.presets import load
 
     manifest = json.loads((build / "manifest.json").read_text())
-    model, processor = load(manifest["source"]["path"])
+    model, processor = load(source)
     grid = manifest["schedule"]["grid"]
     if grid:
         side = model.config.vision_config.image_size
@@ -72,9 +73,9 @@ def spy_logits(pipe: Pipeline) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("name", list(BUILDS))
-def test_greedy_tokens_equal_patched_pytorch_generate(name: str, build_dir, photo_files) -> None:
+def test_greedy_tokens_equal_patched_pytorch_generate(name: str, build_dir, preset_dirs, photo_files) -> None:
     build = build_dir(name)
-    model, processor = reference_model(build)
+    model, processor = reference_model(build, preset_dirs[BUILDS[name][0]])
     with Pipeline.from_build(build, backend="onnxruntime") as pipe:
         logits = spy_logits(pipe)
         for photo in PHOTOS:

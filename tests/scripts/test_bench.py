@@ -16,6 +16,10 @@ from scripts import bench
 MODE = bench.MODES["quick"]
 
 
+# bench.py --quick is a 2-minute benchmark run; CI keeps to correctness (run with -m slow).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, small_build):
     """One --quick run (issue 5: under 5 minutes in CI) over the shared tiny FiCoCo-V build: (out dir, bench.json)."""

@@ -118,9 +118,9 @@ def test_cli_prints_vanilla_budgets_and_schedule(capsys):
 # --------------------------------------------------------------------------- ONNX cross-check
 
 
-def test_onnx_graphs_agree_with_the_analytic_count(small_build):
+def test_onnx_graphs_agree_with_the_analytic_count(small_build, small_source):
     """vision.onnx / prefill.onnx MatMul+Gemm FLOPs vs ficoco.flops: within 1%, and the rest fully explained."""
-    rows = {row.graph: row for row in flops.cross_check(small_build)}
+    rows = {row.graph: row for row in flops.cross_check(small_build, model=small_source)}
     vision, prefill = rows["vision"], rows["prefill"]
     assert abs(vision.relative) < 0.01 and abs(prefill.relative) < 0.001
     for row in rows.values():
@@ -129,16 +129,16 @@ def test_onnx_graphs_agree_with_the_analytic_count(small_build):
     assert vision.conv > 0  # the patch embedding, outside the convention
 
 
-def test_onnx_cross_check_follows_the_text_length(small_build):
-    short, long = (flops.cross_check(small_build, 2, a)[1] for a in (3, 40))
+def test_onnx_cross_check_follows_the_text_length(small_build, small_source):
+    short, long = (flops.cross_check(small_build, 2, a, model=small_source)[1] for a in (3, 40))
     assert long.onnx > short.onnx
     for row in (short, long):
         assert abs(row.unexplained) <= 1e-9 * row.analytic
 
 
-def test_manifest_flops_match_the_script(small_build):
+def test_manifest_flops_match_the_script(small_build, small_source):
     manifest = json.loads((small_build / "manifest.json").read_text())
-    config = flops.load_model_config(manifest["source"]["path"])
+    config = flops.load_model_config(small_source)
     count = flops.count(config, "v", manifest["schedule"]["kept_per_crop"])
     assert count.schedule.vision_tokens == {layer: out for layer, _, out in manifest["schedule"]["vision"]}
     assert manifest["flops"]["tflops"]["prefill"] == pytest.approx(count.prefill / 1e12, rel=1e-12)
