@@ -26,10 +26,10 @@ def fingerprint(directory: Path) -> str:
 
 def source_entry(model_arg: str, directory: Path) -> dict:
     """The manifest's identification of the model: no absolute path."""
-    from ficoco.presets import PRESETS
+    from ficoco.presets import preset_names
 
-    name = model_arg if model_arg in PRESETS else Path(model_arg).name
-    return {"model": name, "preset": model_arg in PRESETS, "fingerprint": fingerprint(directory)}
+    preset = model_arg in preset_names()  # the tiny presets and the real-weights ones
+    return {"model": model_arg if preset else Path(model_arg).name, "preset": preset, "fingerprint": fingerprint(directory)}
 
 
 def source_dir(manifest: dict, model: str | Path | None = None) -> Path:
