@@ -180,6 +180,15 @@ def judge(reference: np.ndarray, actual: np.ndarray, limits: Limits, allowed_bad
             "cosine": cosine, "bad_rows": bad_rows, "allowed_bad_rows": allowed_bad_rows}
 
 
+def severity(figures: dict) -> float:
+    """How close one output's figures are to failing, in units of its own limit (older records: max_abs)."""
+    if figures.get("norm") == "rms":
+        return figures["relative_rms"] / figures["rms_limit"]
+    if "rtol" in figures and figures.get("normalized") is not None:
+        return figures["normalized"] / figures["rtol"] if figures["rtol"] > 0 else math.inf
+    return figures.get("max_abs", 0.0)
+
+
 def token_agreement(reference: list[int], actual: list[int]) -> float:
     """Fraction of positions where two next-token sequences of equal length agree."""
     if len(reference) != len(actual):
@@ -208,7 +217,7 @@ def report_lines(record: dict, every_output: bool = False) -> list[str]:
                 continue
             lines.append(f"{graph}.{output:<22} {describe_figures(f)}")
         if caches and all(f["passed"] for f in caches) and not every_output:
-            worst_cache = max(caches, key=lambda f: f.get("normalized", f.get("max_abs", 0.0)))
+            worst_cache = max(caches, key=severity)
             lines.append(f"{graph}.present.* ({len(caches)}){'':<9} worst {describe_figures(worst_cache)}")
     e2e = record["end_to_end"]
     tf = e2e.get("teacher_forced")  # absent in records written before it

@@ -224,7 +224,7 @@ def run_pair(fn, onnx_path: Path, feeds: list[dict], outputs: list[str]) -> list
 def worst(per_feed: list[dict]) -> dict:
     """One output's figures over all feeds: the failing or worst one."""
     failing = [f for f in per_feed if not f["passed"]]
-    return max(failing or per_feed, key=lambda f: (f.get("normalized", 0.0), -f.get("cosine", 1.0)))
+    return max(failing or per_feed, key=gates.severity)
 
 
 def judge_vision(pairs, limits: gates.Limits) -> dict:
