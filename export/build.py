@@ -33,8 +33,9 @@ from .from_onnx import build_engines, run_from_onnx  # engines: every build, and
 class Progress:
     """Numbered stages with their time, printed as they finish; `rows` for the summary."""
 
-    def __init__(self, total: int, log: io.StringIO):
+    def __init__(self, total: int, log: io.StringIO, per_graph: int = 0):
         self.total, self.index, self.rows, self.log = total, 0, [], log
+        self.per_graph = per_graph  # stages each graph adds once the graphs are known (export, engine)
 
     @contextlib.contextmanager
     def stage(self, title: str, quiet: bool = True):
@@ -123,16 +124,18 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
     with progress.stage(f"load {request.model}"):
         model, processor, source = pipeline.load_model(request)
     with progress.stage(f"patch FiCoCo-{request.variant.upper()}"):
-        plan, layout = pipeline.patch(model, processor, request)
-        graphs = graph_set(model, plan, layout)
+        patch_plan, plan = pipeline.patch(model, processor, request)
+        graphs = graph_set(model, patch_plan, plan)
+        progress.total += progress.per_graph * len(graphs.exported)
         pixel_dtype = verify.NUMPY_DTYPES.get(request.precision, verify.NUMPY_DTYPES["fp32"])  # bf16: cast in example_args
         sample = verify.make_sample(processor, model.config.image_token_id, verify.COMPARE_PROMPTS[0], pixel_dtype)
         args = pipeline.example_args(graphs, sample)
     large = pipeline.is_large(model)
     entries = {}
-    for graph in names.GRAPHS:
+    for graph in graphs.exported:
         with progress.stage(f"export {graph}.onnx"):
             entries[graph] = pipeline.export_graph(graphs, graph, args[graph], tmp, request.max_seq_len, large)
+    embedding = pipeline.embedding_entry(graphs, tmp, entries)
     parity = None
     if request.verify:
         with progress.stage("verify (Polygraphy: PyTorch vs ONNX Runtime; greedy and teacher-forced decoding)"):
@@ -140,13 +143,14 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
         if not parity["passed"] and not request.allow_parity_failure:
             raise VerificationError(parity)
-    body = describe_build(request, model, processor, plan, layout)
+    body = describe_build(request, model, processor, plan)
+    body["embedding"] = embedding
     body["source"].update(source_entry(request.model, source))
     body["tokenizer"] = {**pipeline.copy_tokenizer(source, tmp), **body["tokenizer"]}
-    return {**body, "graphs": entries, "flops": pipeline.flops_estimate(model, plan, layout), "parity": parity}
+    return {**body, "graphs": entries, "flops": pipeline.flops_estimate(model, plan), "parity": parity}
 
 
-def describe_build(request: BuildRequest, model, processor, plan, layout) -> dict:
+def describe_build(request: BuildRequest, model, processor, plan) -> dict:
     """The manifest's description of the model, the FiCoCo setting and the schedule."""
     from .verify import eos_ids
 
@@ -161,13 +165,8 @@ def describe_build(request: BuildRequest, model, processor, plan, layout) -> dic
                      "eos_token_ids": sorted(eos_ids(model))},
         },
         "variant": request.variant,
-        "ficoco": {**dataclasses.asdict(plan.config), "tflops_budget": request.tflops},
-        "schedule": {
-            "vision": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.vision],
-            "language": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.language_steps(layout.visual_tokens)],
-            "patches_per_crop": plan.geometry.patches, "kept_per_crop": layout.kept_per_crop, "crops": layout.crops,
-            "grid": list(layout.grid) if layout.grid else None, "visual_tokens": layout.visual_tokens,
-        },
+        "ficoco": {**dataclasses.asdict(model.ficoco_plan.config), "tflops_budget": request.tflops},
+        "schedule": plan.to_dict(),
         "precision": request.precision, "max_seq_len": request.max_seq_len,
         "preprocess": {**processor.image_processor.to_dict(), "backend": processor.image_processor.backend},
         "tokenizer": {"image_token": processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id)},
@@ -219,7 +218,7 @@ def run_build(request: BuildRequest) -> int:
     check_targets(request, flavour)
     check_model(request)
     log = io.StringIO()
-    progress = Progress(6 + (3 if flavour else 0), log)
+    progress = Progress(2 + request.verify, log, per_graph=2 if flavour else 1)
     with workspace as ws:
         try:
             body = export_and_verify(request, ws.build, progress)

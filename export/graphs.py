@@ -1,9 +1,11 @@
-"""The three exported graphs as torch modules over a FiCoCo-patched LLaVA model, and their ONNX export.
+"""The torch modules of a build's graphs over a FiCoCo-patched LLaVA model, and their ONNX export.
 
-Each wrapper reuses the adapter code of `ficoco.patch` (the same functions the
-patched Hugging Face model runs), so the graphs are FiCoCo exactly as PyTorch
-runs it, with the schedule baked in as constants. I/O names and shapes:
-`runtime.names`.
+Exported (I/O: `runtime.names`): `VisionGraph`, and the LLM stored once as the decoder segments and
+weightless reductions of `export.segments` (plus `EmbedGraph` when the LM head is untied). The
+references the verification compares them with are `PrefillReference` / `DecodeReference`: the
+patched Hugging Face decoder itself (`ficoco.patch.llama.decoder_forward`, HF's own layers and a
+concatenating cache), so a segment's buffer attention is checked against code it does not share.
+All of them read one `ficoco.BuildPlan`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ficoco import BuildPlan
 from ficoco.patch import llama
 from ficoco.patch.llava import Plan, encode_crops, layout_crops
-
 from runtime import names
+
+from . import segments as seg
 
 
 class GraphCache:
@@ -45,100 +49,94 @@ class GraphCache:
         return [t for index in sorted(self.present) for t in self.present[index]]
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How vision.onnx's [crops, k, D] become the prompt's visual tokens (static per build)."""
-
-    grid: tuple[int, int] | None  # LLaVA-NeXT anyres (rows, cols); None for LLaVA-1.5 (one crop)
-    crops: int
-    kept_per_crop: int
-
-    @property
-    def visual_tokens(self) -> int:
-        if self.grid is None:
-            return self.crops * self.kept_per_crop
-        return self.kept_per_crop * self.crops + self.grid[0]  # one image_newline per row of crops
-
-
 class VisionGraph(nn.Module):
-    """pixel_values [crops, 3, S, S] -> image_features [crops, k, D], kept_positions [crops, k]."""
+    """pixel_values [crops, 3, S, S] -> image_features [n, D] (the prompt's layout), kept_positions [crops, k]."""
 
-    def __init__(self, model: nn.Module, plan: Plan):
+    def __init__(self, model: nn.Module, patch_plan: Plan, build_plan: BuildPlan):
         super().__init__()
-        self.inner, self.plan = model.model, plan
+        self.inner, self.patch_plan, self.grid = model.model, patch_plan, build_plan.grid
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        return encode_crops(self.inner, pixel_values, self.plan)
+        features, positions = encode_crops(self.inner, pixel_values, self.patch_plan)  # [crops, k, D]
+        if self.grid is None:
+            return features.flatten(0, 1), positions
+        return layout_crops(features, self.grid, self.inner.image_newline), positions
 
 
-class PrefillGraph(nn.Module):
-    """(ids before [1, Tb], image_features [crops, k, D], ids after [1, Ta]) -> logits [1, V], present KV."""
+class PrefillReference(nn.Module):
+    """(ids before [1, Tb], image_features [n, D], ids after [1, Ta]) -> logits [1, V], the whole cache per layer."""
 
-    def __init__(self, model: nn.Module, plan: Plan, layout: Layout):
+    def __init__(self, model: nn.Module, patch_plan: Plan, build_plan: BuildPlan):
         super().__init__()
-        self.inner, self.lm_head, self.plan, self.layout = model.model, model.lm_head, plan, layout
-
-    def visual(self, image_features: Tensor) -> Tensor:
-        """[crops, k, D] -> [n, D] in the documented layout."""
-        if self.layout.grid is None:
-            return image_features.flatten(0, 1)
-        return layout_crops(image_features, self.layout.grid, self.inner.image_newline)
+        self.inner, self.lm_head, self.patch_plan, self.plan = model.model, model.lm_head, patch_plan, build_plan
 
     def forward(self, input_ids_before: Tensor, image_features: Tensor, input_ids_after: Tensor):
         embed = self.inner.get_input_embeddings()
-        visual = self.visual(image_features)[None]  # [1, n, D]
-        x = torch.cat([embed(input_ids_before), visual.to(embed.weight.dtype), embed(input_ids_after)], dim=1)
+        x = torch.cat([embed(input_ids_before), image_features[None].to(embed.weight.dtype), embed(input_ids_after)], dim=1)
         positions = torch.arange(x.shape[1], device=x.device)[None]  # [1, P]
-        steps = self.plan.language_steps(self.layout.visual_tokens)
-        span = (input_ids_before.shape[1], self.layout.visual_tokens)
+        span = (input_ids_before.shape[1], self.plan.visual_tokens)
         cache = GraphCache()
-        hidden = llama.decoder_forward(self.inner.language_model, x, positions, cache, steps, span, self.plan.language_params)
+        hidden = llama.decoder_forward(self.inner.language_model, x, positions, cache, self.plan.language, span,
+                                       self.patch_plan.language_params)
         return (self.lm_head(hidden[:, -1]), *cache.flat())
 
 
-class DecodeGraph(nn.Module):
-    """(input_ids [1, 1], position_ids [1, 1], past KV) -> logits [1, V], present KV."""
+class DecodeReference(nn.Module):
+    """(input_ids [1, 1], position_ids [1, 1], past per layer [1, Hkv, len_i, Dh]) -> logits [1, V], past + new."""
 
-    def __init__(self, model: nn.Module, plan: Plan):
+    def __init__(self, model: nn.Module, patch_plan: Plan):
         super().__init__()
-        self.inner, self.lm_head, self.plan = model.model, model.lm_head, plan
+        self.inner, self.lm_head, self.patch_plan = model.model, model.lm_head, patch_plan
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past: list[Tensor]):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        cache = GraphCache(pairs)
+        cache = GraphCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
         x = self.inner.get_input_embeddings()(input_ids)
-        hidden = llama.decoder_forward(self.inner.language_model, x, position_ids, cache, (), None, self.plan.language_params)
+        hidden = llama.decoder_forward(self.inner.language_model, x, position_ids, cache, (), None, self.patch_plan.language_params)
         return (self.lm_head(hidden[:, -1]), *cache.flat())
 
 
-def export_onnx(module: nn.Module, args: tuple, path: Path, graph: str, layers: int, dynamic_shapes, large: bool,
-                metadata: dict[str, str] | None = None) -> Path:
-    """torch.onnx.export (dynamo) with the stable names of `runtime.names`; external data when `large`;
-    `metadata` goes into the model's metadata_props (the runtime checks the manifest against it)."""
-    inputs, outputs = names.io_names(graph, layers)
+@dataclass
+class GraphSet:
+    """The torch modules of one build and the plan they share."""
+
+    plan: BuildPlan
+    vision: VisionGraph
+    prefill: PrefillReference
+    decode: DecodeReference
+    llm: dict[str, nn.Module]  # decoder.s / reduce.s (/ embed), in running order
+    tied: bool  # the LM head is the embedding table
+    layers: int  # decoder layers
+
+    @property
+    def exported(self) -> dict[str, nn.Module]:
+        return {names.VISION: self.vision, **self.llm}
+
+
+def graph_set(model: nn.Module, patch_plan: Plan, build_plan: BuildPlan) -> GraphSet:
+    layers = model.config.text_config.num_hidden_layers
+    tied = seg.tied(model)
+    llm: dict[str, nn.Module] = {} if tied else {names.EMBED: seg.EmbedGraph(model)}
+    decoders = seg.segments(model, build_plan.reduction_layers)
+    llm[names.decoder(0)] = decoders[0]
+    for index, step in enumerate(build_plan.language, start=1):
+        llm[names.reduce(index)] = seg.ReduceGraph(step, patch_plan.language_params)
+        llm[names.decoder(index)] = decoders[index]
+    graphs = GraphSet(build_plan, VisionGraph(model, patch_plan, build_plan), PrefillReference(model, patch_plan, build_plan),
+                      DecodeReference(model, patch_plan), llm, tied, layers)
+    for module in (graphs.vision, graphs.prefill, graphs.decode, *llm.values()):
+        module.eval()
+    return graphs
+
+
+def export_onnx(module: nn.Module, args: tuple, path: Path, io: tuple[list[str], list[str]], dynamic_shapes,
+                external: bool, metadata: dict[str, str] | None = None) -> Path:
+    """torch.onnx.export (dynamo) with the stable names of `runtime.names`; weights in `NAME.onnx.data`
+    when `external`; `metadata` goes into the model's metadata_props (the runtime checks the manifest against it)."""
+    inputs, outputs = io
     program = torch.onnx.export(
         module, args, dynamo=True, input_names=inputs, output_names=outputs,
         dynamic_shapes=dynamic_shapes, opset_version=18, optimize=True, verbose=False,
     )
     program.model.metadata_props.update(metadata or {})
-    program.save(str(path), external_data=large)
+    program.save(str(path), external_data=external)
     return path
-
-
-@dataclass
-class GraphSet:
-    """The three torch modules of one build and what they share."""
-
-    vision: VisionGraph
-    prefill: PrefillGraph
-    decode: DecodeGraph
-    layout: Layout
-    layers: int  # decoder layers
-
-
-def graph_set(model: nn.Module, plan: Plan, layout: Layout) -> GraphSet:
-    layers = model.config.text_config.num_hidden_layers
-    graphs = GraphSet(VisionGraph(model, plan), PrefillGraph(model, plan, layout), DecodeGraph(model, plan), layout, layers)
-    for module in (graphs.vision, graphs.prefill, graphs.decode):
-        module.eval()
-    return graphs

@@ -5,16 +5,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
-from ficoco import FiCoCoConfig, apply
+from ficoco import BuildPlan, FiCoCoConfig, apply
+from ficoco import plan as build_plan
 from ficoco import flops as flops_model
 from ficoco.patch.llava import Plan
 from runtime.manifest import MAX_SEQ_LEN_KEY, file_entry
 
 from runtime import names
-from .graphs import GraphSet, Layout, export_onnx
+from .graphs import GraphSet, export_onnx
 from .request import BuildRequest
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,8 +84,8 @@ def resolve_budget(model, request: BuildRequest) -> BuildRequest:
     return replace(request, tokens=tokens, tflops=None)
 
 
-def patch(model, processor, request: BuildRequest) -> tuple[Plan, Layout]:
-    """Apply FiCoCo (crop layout, static) and work out the visual-token layout."""
+def patch(model, processor, request: BuildRequest) -> tuple[Plan, BuildPlan]:
+    """Apply FiCoCo (crop layout, static) and resolve the build plan, once."""
     next_model = type(model).__name__ == "LlavaNextForConditionalGeneration"
     if next_model:
         fix_grid(model, processor, request.grid)
@@ -94,10 +96,7 @@ def patch(model, processor, request: BuildRequest) -> tuple[Plan, Layout]:
         keep_norms_fp32(model)
     config: FiCoCoConfig = request.ficoco_config()
     apply(model, config)
-    plan = model.ficoco_plan
-    grid = request.grid if next_model else None
-    crops = 1 + grid[0] * grid[1] if grid else 1
-    return plan, Layout(grid, crops, plan.vision_tokens)
+    return model.ficoco_plan, build_plan(model.config.to_dict(), config, request.grid if next_model else None)
 
 
 def is_large(model) -> bool:
@@ -123,49 +122,93 @@ def describe(path: Path) -> dict:
     return {**entry, "inputs": io(graph.graph.input), "outputs": io(graph.graph.output)}
 
 
-def export_graph(graphs: GraphSet, graph: str, args: tuple, directory: Path, max_seq_len: int, large: bool) -> dict:
-    """Export one graph with its dynamic text dims and describe it."""
-    dim = torch.export.Dim
+def dynamic_shapes(graphs: GraphSet, graph: str, max_seq_len: int):
+    """torch.export dims of one graph: the prompt-bounded token count of each segment, text before the
+    image, and the cache buffers' capacity (named per segment; 0 is allowed at run time)."""
+    dim, plan = torch.export.Dim, graphs.plan
     if graph == names.VISION:
-        module, dynamic = graphs.vision, None
-    elif graph == names.PREFILL:
-        module = graphs.prefill
-        dynamic = ({1: dim("text_before", min=1, max=max_seq_len)}, None, {1: dim("text_after", min=1, max=max_seq_len)})
-    else:
-        module = graphs.decode
-        past = [{2: dim(f"past_{i // 2}", min=1, max=max_seq_len)} for i in range(2 * graphs.layers)]
-        dynamic = (None, None, past)
+        return None
+    if graph == names.EMBED:
+        return ({1: dim("tokens", min=1, max=max_seq_len)},)
+    kind, _, index = graph.partition(".")
+    segment = int(index) - (kind == "reduce")  # reduce.s takes what decoder.{s-1} returns
+    tokens = dim("tokens", min=1, max=plan.segment_tokens(segment, max_seq_len))
+    if kind == "reduce":
+        return ({1: tokens}, {1: tokens, 2: tokens}, {1: tokens}, {1: dim("text_before", min=1, max=max_seq_len)})
+    capacity = dim("capacity", min=1, max=max_seq_len)
+    past = [{2: capacity} for _ in graphs.llm[graph].cached for _ in (0, 1)]
+    return ({1: tokens}, {1: tokens}, None, past)
+
+
+def export_graph(graphs: GraphSet, graph: str, args: tuple, directory: Path, max_seq_len: int, large: bool) -> dict:
+    """Export one graph with its dynamic dims and describe it (LLM graphs keep weights in external data)."""
     path = directory / f"{graph}.onnx"
+    external = graph != names.VISION and not graph.startswith("reduce") or large
+    io = names.io_names(graph, graphs.plan.reduction_layers, graphs.layers)
     with torch.no_grad():
-        export_onnx(module, args, path, graph, graphs.layers, dynamic, large, {MAX_SEQ_LEN_KEY: str(max_seq_len)})
+        export_onnx(graphs.exported[graph], args, path, io, dynamic_shapes(graphs, graph, max_seq_len), external,
+                    {MAX_SEQ_LEN_KEY: str(max_seq_len)})
+    if graph.startswith("reduce"):
+        name_output_dims(path, {names.HIDDEN_STATES: "reduced", names.REDUCED_POSITION_IDS: "reduced", names.KEPT: "kept"})
     return describe(path)
 
 
+def name_output_dims(path: Path, dims: dict[str, str]) -> None:
+    """Give the exporter's symbolic output dims (expressions of the input dims) the documented names."""
+    model = onnx.load(str(path), load_external_data=False)
+    for output in model.graph.output:
+        for dim in output.type.tensor_type.shape.dim:
+            if output.name in dims and dim.dim_param:
+                dim.dim_param = dims[output.name]
+    onnx.save(model, str(path))
+
+
+def empty_past(graphs: GraphSet, graph: str, capacity: int, dtype) -> list[torch.Tensor]:
+    """Zero buffers [1, Hkv, capacity, Dh] for every cached layer of a segment."""
+    attn = graphs.llm[graph].decoder.layers[0].self_attn
+    kv_heads = attn.config.num_key_value_heads
+    return [torch.zeros(1, kv_heads, capacity, attn.head_dim, dtype=dtype) for _ in graphs.llm[graph].cached for _ in (0, 1)]
+
+
 def example_args(graphs: GraphSet, sample) -> dict[str, tuple]:
-    """Trace inputs of the three graphs from one verification sample."""
+    """Trace inputs of every graph, from one verification sample run through the torch modules in order."""
+    args = {}
     with torch.no_grad():
-        pixels = torch.from_numpy(sample.pixel_values).to(next(graphs.vision.parameters()).dtype)
-        features, _ = graphs.vision(pixels)
+        dtype = next(graphs.vision.parameters()).dtype
+        pixels = torch.from_numpy(sample.pixel_values).to(dtype)
+        args[names.VISION] = (pixels,)
+        features, _ = graphs.vision(pixels)  # [n, D]
         before, after = torch.from_numpy(sample.before), torch.from_numpy(sample.after)
-        out = graphs.prefill(before, features, after)
-        length = before.shape[1] + graphs.layout.visual_tokens + after.shape[1]
-    decode = (out[0].argmax(-1, keepdim=True), torch.tensor([[length]]), list(out[1:]))
-    return {names.VISION: (pixels,), names.PREFILL: (before, features, after), names.DECODE: decode}
+        embed = graphs.prefill.inner.get_input_embeddings()
+        hidden = torch.cat([embed(before), features[None].to(embed.weight.dtype), embed(after)], dim=1)  # [1, P, D]
+        if names.EMBED in graphs.llm:
+            args[names.EMBED] = (torch.cat([before, after], dim=1),)
+        positions = torch.arange(hidden.shape[1])[None]
+        for graph, module in graphs.llm.items():
+            if graph == names.EMBED:
+                continue
+            if graph.startswith("reduce"):
+                args[graph] = (out[0], out[1], positions, before)
+                hidden, positions, _ = module(*args[graph])
+                continue
+            args[graph] = (hidden, positions, torch.zeros(1, dtype=torch.int64), empty_past(graphs, graph, 3, hidden.dtype))
+            out = module(*args[graph])
+    return args
 
 
-def flops_estimate(model, plan: Plan, layout: Layout, text_tokens: int = 60) -> dict:
+def flops_estimate(model, plan: BuildPlan, text_tokens: int = 60) -> dict:
     """Analytic TFLOPs of this build vs. unreduced, at `text_tokens` text tokens (ficoco.flops convention)."""
     text = flops_model.text_of(model.config.text_config.to_dict())
     vision = flops_model.vision_of(model.config.vision_config.to_dict())
-    geometry, visual = plan.geometry, layout.visual_tokens
-    unreduced_visual = layout.crops * geometry.patches + (layout.grid[0] if layout.grid else 0)
-    language = {s.layer: s.tokens_out for s in plan.language_steps(visual)}
+    geometry = plan.geometry
+    unreduced_visual = plan.crops * geometry.patches + plan.newline_rows
+    language = {s.layer: s.tokens_out for s in plan.language}
     reduced = {
-        "vision": flops_model.vision_flops(vision, layout.crops, geometry.patches, {s.layer: s.tokens_out for s in plan.vision}, geometry.feature_layer),
-        "prefill": flops_model.prefill_flops(text, text_tokens, visual, language),
+        "vision": flops_model.vision_flops(vision, plan.crops, geometry.patches, {s.layer: s.tokens_out for s in plan.vision}, geometry.feature_layer),
+        "prefill": flops_model.prefill_flops(text, text_tokens, plan.visual_tokens, language),
     }
     full = {
-        "vision": flops_model.vision_flops(vision, layout.crops, geometry.patches, {}, geometry.feature_layer),
+        "vision": flops_model.vision_flops(vision, plan.crops, geometry.patches, {}, geometry.feature_layer),
         "prefill": flops_model.prefill_flops(text, text_tokens, unreduced_visual, {}),
     }
     return {
@@ -184,3 +227,25 @@ def copy_tokenizer(source: Path, directory: Path) -> dict:
     for name in copied:
         shutil.copy2(source / name, directory / name)
     return {"files": [file_entry(directory, name) for name in copied]}
+
+
+def embedding_entry(graphs: GraphSet, directory: Path, entries: dict) -> dict:
+    """Where the runtime looks text embeddings up: the initializer holding the table [V, D] (or [D, V] when
+    the exporter stored the tied LM head transposed) in a graph's external data, found by its bytes."""
+    graph = names.decoder(len(graphs.plan.language)) if graphs.tied else names.EMBED
+    table = graphs.prefill.inner.get_input_embeddings().weight.detach()  # [V, D]
+    model = onnx.load(str(directory / entries[graph]["file"]), load_external_data=False)
+    for init in model.graph.initializer:
+        dims = tuple(init.dims)
+        if dims not in (tuple(table.shape), tuple(table.shape)[::-1]) or init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = {e.key: e.value for e in init.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        offset, length = int(where.get("offset", 0)), int(where["length"])
+        stored = np.fromfile(directory / where["location"], dtype=np.uint8, count=length, offset=offset)
+        expected = table if dims == tuple(table.shape) else table.T
+        if stored.tobytes() == expected.contiguous().view(torch.uint8).numpy().tobytes():
+            return {"graph": graph, "file": where["location"], "offset": offset, "shape": list(dims),
+                    "dtype": "bfloat16" if table.dtype == torch.bfloat16 else np.dtype(dtype).name,
+                    "transposed": dims != tuple(table.shape)}
+    raise RuntimeError(f"{graph}.onnx holds no initializer equal to the embedding table {list(table.shape)}")

@@ -2,17 +2,17 @@
 
     python -m export.verify BUILD_DIR        # re-runs the checks of an existing build
 
-Per graph: Polygraphy's Comparator runs a PyTorch runner (the graph's torch
-module, eager) and an OnnxrtRunner on the same feeds (two prompts of different
-lengths); every output is judged by `export.gates` (limits relative to the
-output's magnitude, derived from the precision and the reduction lengths;
-kept sets as overlaps; token rows compared where both sides kept the token).
-FiCoCo-L's kept set is not a graph output: the verification session marks the
-internal tensor that holds it (the sort of the kept indices, a TopK with
-largest=0) as an extra output with Polygraphy's `ModifyOutputs`, so the graph
-that is verified is the graph that is shipped. End to end: greedy decoding
-through the ONNX graphs (fp32: identical to the patched model's `generate`),
-and teacher-forced next-token agreement over several prompts.
+Polygraphy's Comparator runs a PyTorch runner and an ONNX Runtime runner on the
+same feeds (two prompts of different lengths): vision.onnx against its torch
+module; the LLM's segments and reductions, chained as the runtime chains them
+(`export.chain`: embeddings from the stored table, cache buffers with masked
+stale rows), against the patched Hugging Face decoder itself (prefill and one
+decode step). Every output is judged by `export.gates` (limits relative to the
+output's magnitude, derived from the precision and the reduction lengths; kept
+sets as overlaps, FiCoCo-L's from the reduce graphs' `kept` outputs; token rows
+compared where both sides kept the token). End to end: greedy decoding through
+the chain (fp32: identical to the patched model's `generate`), and
+teacher-forced next-token agreement over several prompts.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator
@@ -115,14 +113,6 @@ def model_limits(model, precision: str, prompt_length: int) -> dict[str, gates.L
 # --------------------------------------------------------------------------- FiCoCo-L's kept set
 
 
-def language_kept_tensors(onnx_path: Path) -> list[str]:
-    """Names of the tensors holding each FiCoCo-L step's kept indices (sorted, [1, k]) in prefill.onnx:
-    the values of `dst = order[:, r:].sort()`, exported as TopK(largest=0), one per step."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return [n.output[0] for n in graph.node
-            if n.op_type == "TopK" and any(a.name == "largest" and a.i == 0 for a in n.attribute)]
-
-
 @contextlib.contextmanager
 def recording_language_kept(recorded: list):
     """Record, in torch, each FiCoCo-L step's kept indices within the visual span ([1, k] int64)."""
@@ -153,25 +143,29 @@ def span_positions(kept_per_step: list[np.ndarray]) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- graph comparison
 
 
+PREFILL, DECODE = "prefill", "decode"  # the LLM's two phases, each a chain of graphs
+
+
 def graph_feeds(graphs, samples: list[Sample]) -> dict[str, list[dict]]:
-    """Inputs of every graph for every sample, computed with the torch modules."""
-    feeds = {names.VISION: [], names.PREFILL: [], names.DECODE: []}
+    """Inputs of vision and of both LLM phases for every sample, computed with the torch modules."""
+    feeds = {names.VISION: [], PREFILL: [], DECODE: []}
     with torch.no_grad():
         for sample in samples:
             features = graphs.vision(torch.from_numpy(sample.pixel_values))[0]
             feeds[names.VISION].append({names.PIXEL_VALUES: sample.pixel_values})
             prefill = {names.INPUT_IDS_BEFORE: sample.before, names.IMAGE_FEATURES: features.numpy(), names.INPUT_IDS_AFTER: sample.after}
-            feeds[names.PREFILL].append(prefill)
+            feeds[PREFILL].append(prefill)
             out = graphs.prefill(*(torch.from_numpy(v) for v in prefill.values()))
-            length = sample.before.shape[1] + graphs.layout.visual_tokens + sample.after.shape[1]
+            length = graphs.plan.prompt_length(sample.before.shape[1], sample.after.shape[1])
             decode = {names.INPUT_IDS: np.array([[int(out[0].argmax())]]), names.POSITION_IDS: np.array([[length]])}
             decode.update({name: t.numpy() for name, t in zip(names.cache_names(names.past, len(out) // 2), out[1:])})
-            feeds[names.DECODE].append(decode)
+            feeds[DECODE].append(decode)
     return feeds
 
 
 def graph_functions(graphs) -> dict:
-    """feed dict of torch tensors -> outputs, for each graph's torch module (prefill: + FiCoCo-L kept sets)."""
+    """feed dict of torch tensors -> outputs of the torch reference (prefill: + FiCoCo-L kept sets;
+    decode: the new token's K/V, as the segments return them)."""
     layers = graphs.layers
 
     def prefill(f):
@@ -180,38 +174,37 @@ def graph_functions(graphs) -> dict:
             out = graphs.prefill(f[names.INPUT_IDS_BEFORE], f[names.IMAGE_FEATURES], f[names.INPUT_IDS_AFTER])
         return (*out, *recorded)
 
-    return {
-        names.VISION: lambda f: graphs.vision(f[names.PIXEL_VALUES]),
-        names.PREFILL: prefill,
-        names.DECODE: lambda f: graphs.decode(
-            f[names.INPUT_IDS], f[names.POSITION_IDS], [f[n] for n in names.cache_names(names.past, layers)]
-        ),
-    }
+    def decode(f):
+        out = graphs.decode(f[names.INPUT_IDS], f[names.POSITION_IDS], [f[n] for n in names.cache_names(names.past, layers)])
+        return (out[0], *(t[:, :, -1:] for t in out[1:]))
+
+    return {names.VISION: lambda f: graphs.vision(f[names.PIXEL_VALUES]), PREFILL: prefill, DECODE: decode}
 
 
-def onnx_runner(onnx_path: Path, outputs: list[str]) -> tuple[OnnxrtRunner, Path | None]:
-    """ONNX Runtime (CPU) over the graph with `outputs` marked (the graph's own plus internal tensors), and
-    the temporary copy to delete afterwards (a graph with external data is re-saved beside it, so that
-    its data file resolves; everything else stays in memory)."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    providers = ["CPUExecutionProvider"]
-    if [o.name for o in model.graph.output] == outputs:
-        return OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers)), None
-    marked = ModifyOutputs(model, outputs=outputs)()
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in marked.graph.initializer):
-        return OnnxrtRunner(SessionFromOnnx(BytesFromOnnx(marked), providers=providers)), None
-    copy = onnx_path.with_name(f".{onnx_path.stem}.verify.onnx")
-    onnx.save(marked, str(copy))
-    return OnnxrtRunner(SessionFromOnnx(str(copy), providers=providers)), copy
+def chain_of(directory: Path, graphs, embedding: dict, capacity: int):
+    from .chain import OnnxChain
+
+    return OnnxChain(directory, list(graphs.exported), embedding, graphs.plan.reduction_layers, graphs.layers, capacity)
 
 
-def run_pair(fn, onnx_path: Path, feeds: list[dict], outputs: list[str]) -> list[tuple[dict, dict]]:
-    """Polygraphy Comparator.run of torch `fn` and ONNX Runtime -> [(reference, actual) outputs per feed]."""
+def onnx_runner(onnx_path: Path, outputs: list[str]) -> tuple[OnnxrtRunner, None]:
+    """ONNX Runtime (CPU) over one graph, through Polygraphy's loader."""
+    return OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])), None
+
+
+def feed_metadata(feeds: list[dict]) -> TensorMetadata:
     metadata = TensorMetadata()
     for name, value in feeds[0].items():  # dims that differ between feeds are dynamic (-1)
         shape = [d if all(f[name].shape[i] == d for f in feeds) else -1 for i, d in enumerate(value.shape)]
         metadata.add(name, value.dtype, shape)
-    ort_runner, temporary = onnx_runner(onnx_path, outputs)
+    return metadata
+
+
+def run_pair(fn, onnx_path: Path | None, feeds: list[dict], outputs: list[str], runner=None) -> list[tuple[dict, dict]]:
+    """Polygraphy Comparator.run of torch `fn` and ONNX Runtime (the graph at `onnx_path`, or `runner`)
+    -> [(reference, actual) outputs per feed]."""
+    metadata = feed_metadata(feeds)
+    ort_runner, temporary = (runner, None) if runner is not None else onnx_runner(onnx_path, outputs)
     try:
         results = Comparator.run([TorchRunner(fn, metadata, outputs), ort_runner], data_loader=feeds)
     finally:
@@ -227,13 +220,23 @@ def worst(per_feed: list[dict]) -> dict:
     return max(failing or per_feed, key=gates.severity)
 
 
-def judge_vision(pairs, limits: gates.Limits) -> dict:
+def crop_rows(features: np.ndarray, plan) -> np.ndarray:
+    """image_features [n, D] in the prompt's layout -> [crops, k, D] (LLaVA-NeXT's newline rows left out)."""
+    k = plan.kept_per_crop
+    if plan.grid is None:
+        return features.reshape(plan.crops, k, -1)
+    rows, cols = plan.grid
+    grid = features[k:].reshape(rows, cols * k + 1, -1)[:, :-1]  # [rows, cols*k, D]: each row ends with a newline
+    return np.concatenate([features[None, :k], grid.reshape(rows * cols, k, -1)])
+
+
+def judge_vision(pairs, limits: gates.Limits, plan) -> dict:
     """image_features on the rows both sides kept (per crop); kept_positions as an overlap."""
     features, overlaps = [], []
     for ref, act in pairs:
         ref_kept, act_kept = ref[names.KEPT_POSITIONS], act[names.KEPT_POSITIONS]
         overlaps.append(gates.kept_overlap(ref_kept, act_kept))
-        ref_f, act_f = ref[names.IMAGE_FEATURES], act[names.IMAGE_FEATURES]
+        ref_f, act_f = crop_rows(ref[names.IMAGE_FEATURES], plan), crop_rows(act[names.IMAGE_FEATURES], plan)
         if ref_f.shape != act_f.shape or ref_kept.shape != act_kept.shape:
             features.append(gates.judge(ref_f, act_f, limits))
             continue
@@ -299,27 +302,27 @@ def judge_decode(pairs, limits: gates.Limits) -> dict:
     return {name: worst(per_feed) for name, per_feed in figures.items()}
 
 
-def compare_graphs(directory: Path, graphs, samples: list[Sample], limits: dict) -> dict:
-    """Every graph against its torch module; {graph: {"outputs": {name: figures}, "passed"}}."""
+def compare_graphs(directory: Path, graphs, samples: list[Sample], limits: dict, embedding: dict) -> dict:
+    """vision.onnx and the LLM chain (both phases) against torch; {part: {"outputs": {name: figures}, "passed"}}."""
+    from .chain import ChainRunner
+
     feeds, functions = graph_feeds(graphs, samples), graph_functions(graphs)
-    steps = graphs.prefill.plan.language_steps(graphs.layout.visual_tokens)
+    steps, layers = graphs.plan.language, graphs.layers
+    kept_names = [f"language_kept.{step.layer}" for step in steps]
+    chain = chain_of(directory, graphs, embedding, capacity=max(f[names.POSITION_IDS][0, 0] for f in feeds[DECODE]) + 8)
+    caches = names.cache_names(names.present, layers)
     record = {}
-    for graph in names.GRAPHS:
-        _, outputs = names.io_names(graph, graphs.layers)
-        path = directory / f"{graph}.onnx"
-        if graph == names.PREFILL:
-            kept_names = language_kept_tensors(path)
-            if len(kept_names) != len(steps):
-                reason = f"prefill.onnx holds {len(kept_names)} FiCoCo-L kept set(s); the schedule has {len(steps)} step(s)"
-                judged = {"language_kept": {"passed": False, "reason": reason}}
-            else:
-                pairs = run_pair(functions[graph], path, feeds[graph], [*outputs, *kept_names])
-                judged = judge_prefill(pairs, feeds[graph], limits["text"], steps, kept_names, graphs.layers)
-        elif graph == names.VISION:
-            judged = judge_vision(run_pair(functions[graph], path, feeds[graph], outputs), limits["vision"])
-        else:
-            judged = judge_decode(run_pair(functions[graph], path, feeds[graph], outputs), limits["text"])
-        record[graph] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
+    judged = judge_vision(run_pair(functions[names.VISION], directory / "vision.onnx", feeds[names.VISION],
+                                   names.io_names(names.VISION, (), layers)[1]), limits["vision"], graphs.plan)
+    record[names.VISION] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
+    pairs = run_pair(functions[PREFILL], None, feeds[PREFILL], [names.LOGITS, *caches, *kept_names],
+                     ChainRunner(chain, PREFILL, feed_metadata(feeds[PREFILL])))
+    judged = judge_prefill(pairs, feeds[PREFILL], limits["text"], steps, kept_names, layers)
+    record[PREFILL] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
+    pairs = run_pair(functions[DECODE], None, feeds[DECODE], [names.LOGITS, *caches],
+                     ChainRunner(chain, DECODE, feed_metadata(feeds[DECODE])))
+    judged = judge_decode(pairs, limits["text"])
+    record[DECODE] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
     return record
 
 
@@ -327,31 +330,27 @@ def compare_graphs(directory: Path, graphs, samples: list[Sample], limits: dict)
 
 
 class OnnxModel:
-    """The three graphs on ONNX Runtime (CPU), as prefill/decode step functions for `runtime.loop`."""
+    """The build's graphs on ONNX Runtime (CPU), chained as the runtime does, as step functions for `runtime.loop`."""
 
-    def __init__(self, directory: Path, graphs):
+    def __init__(self, directory: Path, graphs, embedding: dict, capacity: int):
         import onnxruntime as ort
 
-        self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), providers=["CPUExecutionProvider"])
-                         for g in names.GRAPHS}
-        self.past_names = names.cache_names(names.past, graphs.layers)
-        self.visual_tokens = graphs.layout.visual_tokens
+        self.vision = ort.InferenceSession(str(directory / "vision.onnx"), providers=["CPUExecutionProvider"])
+        self.chain, self.plan = chain_of(directory, graphs, embedding, capacity), graphs.plan
 
     def steps(self, sample: Sample):
         """(prefill, decode, prompt length) for one sample."""
-        features = self.sessions[names.VISION].run([names.IMAGE_FEATURES], {names.PIXEL_VALUES: sample.pixel_values})[0]
+        features = self.vision.run([names.IMAGE_FEATURES], {names.PIXEL_VALUES: sample.pixel_values})[0]
 
         def prefill():
-            feed = {names.INPUT_IDS_BEFORE: sample.before, names.IMAGE_FEATURES: features, names.INPUT_IDS_AFTER: sample.after}
-            out = self.sessions[names.PREFILL].run(None, feed)
-            return out[0][0], out[1:]
+            logits, cache, _ = self.chain.prefill(sample.before, features, sample.after)
+            return logits, cache
 
         def decode(token: int, position: int, cache):
-            feed = {names.INPUT_IDS: np.array([[token]]), names.POSITION_IDS: np.array([[position]]), **dict(zip(self.past_names, cache))}
-            out = self.sessions[names.DECODE].run(None, feed)
-            return out[0][0], out[1:]
+            logits, cache, _ = self.chain.decode(token, position, cache)
+            return logits, cache
 
-        return prefill, decode, sample.before.shape[1] + self.visual_tokens + sample.after.shape[1]
+        return prefill, decode, self.plan.prompt_length(sample.before.shape[1], sample.after.shape[1])
 
     def greedy(self, sample: Sample, eos: set[int]) -> list[int]:
         prefill, decode, length = self.steps(sample)
@@ -380,9 +379,10 @@ def torch_tokens(model, sample: Sample) -> list[int]:
     return out[0, sample.hf_inputs["input_ids"].shape[1] :].tolist()
 
 
-def end_to_end(directory: Path, model, graphs, samples: list[Sample], limits: gates.Limits) -> dict:
+def end_to_end(directory: Path, model, graphs, samples: list[Sample], limits: gates.Limits, embedding: dict) -> dict:
     """Greedy tokens on the first prompt; teacher-forced next-token agreement over every prompt."""
-    onnx_model = OnnxModel(directory, graphs)
+    longest = max(graphs.plan.prompt_length(s.before.shape[1], s.after.shape[1]) for s in samples) + NEW_TOKENS
+    onnx_model = OnnxModel(directory, graphs, embedding, capacity=longest + 3)
     references = [torch_tokens(model, sample) for sample in samples]
     ours = onnx_model.greedy(samples[0], eos_ids(model))
     forced = [onnx_model.teacher_forced(s, ref) for s, ref in zip(samples, references)]
@@ -393,15 +393,15 @@ def end_to_end(directory: Path, model, graphs, samples: list[Sample], limits: ga
             "passed": greedy_ok and agreement >= limits.tokens}
 
 
-def verify(directory: Path, model, processor, graphs, precision: str) -> dict:
+def verify(directory: Path, model, processor, graphs, precision: str, embedding: dict) -> dict:
     """All checks of a build; returns the parity record (also what parity.json holds)."""
     image_token = model.config.image_token_id
     dtype = NUMPY_DTYPES[precision]
     samples = [make_sample(processor, image_token, text, dtype) for text in TEACHER_FORCED_PROMPTS]
-    longest = max(s.before.shape[1] + graphs.layout.visual_tokens + s.after.shape[1] for s in samples) + NEW_TOKENS
+    longest = max(graphs.plan.prompt_length(s.before.shape[1], s.after.shape[1]) for s in samples) + NEW_TOKENS
     limits = model_limits(model, precision, longest)
-    record = {"limits": {k: v.to_dict() for k, v in limits.items()}, "graphs": compare_graphs(directory, graphs, samples[:2], limits)}
-    record["end_to_end"] = end_to_end(directory, model, graphs, samples, limits["text"])
+    record = {"limits": {k: v.to_dict() for k, v in limits.items()}, "graphs": compare_graphs(directory, graphs, samples[:2], limits, embedding)}
+    record["end_to_end"] = end_to_end(directory, model, graphs, samples, limits["text"], embedding)
     record["passed"] = record["end_to_end"]["passed"] and all(g["passed"] for g in record["graphs"].values())
     return record
 
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    record = verify(args.build, model, processor, graphs, manifest["precision"])
+    record = verify(args.build, model, processor, graphs, manifest["precision"], manifest["embedding"])
     print("\n".join(gates.report_lines(record)))
     return 0 if record["passed"] else 1
 

@@ -11,8 +11,9 @@ transformers are imported when `apply` is first used.
 from __future__ import annotations
 
 from .config import FiCoCoConfig, ModelGeometry, Schedule, Step, build_schedule
+from .plan import BuildPlan, plan
 
-__all__ = ["FiCoCoConfig", "ModelGeometry", "Schedule", "Step", "build_schedule", "apply", "remove"]
+__all__ = ["BuildPlan", "FiCoCoConfig", "ModelGeometry", "Schedule", "Step", "apply", "build_schedule", "plan", "remove"]
 __version__ = "0.1.0"
 
 

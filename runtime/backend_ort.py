@@ -1,22 +1,21 @@
-"""ONNX Runtime backend: the three ONNX graphs driven through IO binding, tensors kept as OrtValues.
+"""ONNX Runtime backend: a build's graphs, the KV cache allocated once on the host and updated in place.
 
-CUDAExecutionProvider first when onnxruntime-gpu provides it, else CPUExecutionProvider. Per call:
+CPUExecutionProvider (CUDAExecutionProvider first when onnxruntime-gpu provides it; the cache then
+stays on the host and ONNX Runtime copies the bound buffers each step: TensorRT is the GPU path).
 
-* vision: pixel_values is bound from the host array; image_features [crops, k, D] goes into one
-  OrtValue on the device allocated once and reused by every call; it is bound as prefill's input
-  as is (the layout into the prompt happens inside the prefill graph). kept_positions is not bound.
-* prefill / decode: ids and positions are small host arrays (decode writes them into two [1, 1]
-  OrtValues in place); logits [1, V] go into one preallocated host array (ONNX Runtime copies them
-  there from the device). The cache outputs `present.{i}.*` are bound to the device unallocated,
-  ONNX Runtime allocates them at their shapes, and the OrtValues it returns are bound as the next
-  step's `past.{i}.*` inputs: no numpy round trip, no copy in Python.
+* vision: pixel_values -> image_features [n, D], a host array reused by every call.
+* prefill: the prompt's embeddings (text rows looked up on the host, `runtime.kvcache.Embedding`,
+  around the image features) go through decoder.0, reduce.1, decoder.1, ... Each segment gets empty
+  past buffers ([1, Hkv, 0, Dh], past_length 0) and returns its layers' K/V for the whole prompt,
+  which is copied once into the cache buffers.
+* decode: one token's embedding through every segment (the reductions are skipped). Each layer's
+  whole buffer [1, Hkv, capacity_i, Dh] is bound as its past by pointer (no copy) with the
+  segment's past_length; the new token's K/V [1, Hkv, 1, Dh] go into small preallocated arrays and
+  are written into row len_i of the buffers: `2 * layers * Hkv * Dh` values per step.
 
-Cost of a decode step as the cache grows: the decode graph returns the whole cache, past and the new
-token's K/V concatenated (the Hugging Face / Optimum convention). Each step therefore allocates
-`2 * layers` new tensors of `Hkv * (len_i + 1) * Dh` values and copies the past into them, and
-attention reads the same amount: memory traffic per step grows linearly with the sequence, and the
-whole generation of n tokens moves O(n * len) cache values. Layers after a FiCoCo-L step have
-shorter caches and cost less. `runtime.bench.decode_step_ms` measures a step at given lengths.
+Cost of a decode step as the cache grows: attention reads each buffer once at its capacity (rows
+from past_length on are masked out), so a step costs the same at every length; nothing is
+allocated or copied but the new rows. `runtime.bench.decode_step_ms` measures a step.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ import numpy as np
 
 from runtime import names
 
-from .backend import HINTS, BackendError, BackendNotInstalledError
+from .errors import HINTS, BackendError, BackendNotInstalledError
+from .kvcache import Embedding, KVCache, segment_plan
 from .manifest import MAX_SEQ_LEN_KEY, Build, BuildError
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -55,17 +55,8 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-class OrtCache:
-    """The per-layer caches of one sequence: OrtValues [key 0, value 0, key 1, ...], each [1, Hkv, len_i, Dh]."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: list[Any]):
-        self.values = values
-
-
 class OrtBackend:
-    """ONNX Runtime over a build's vision / prefill / decode graphs (see the module docstring)."""
+    """ONNX Runtime over a build's graphs (see the module docstring)."""
 
     def __init__(self, build: Build, threads: int | None = None):
         ort = import_ort()
@@ -79,7 +70,9 @@ class OrtBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = {}
-        for graph in names.GRAPHS:
+        for graph in build.graph_names:
+            if graph == names.EMBED:
+                continue  # the runtime looks rows up in its table itself
             path = build.path("graphs", graph)
             try:
                 self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
@@ -90,103 +83,127 @@ class OrtBackend:
             build.check_io(graph, [(t.name, t.shape, t.type) for t in [*session.get_inputs(), *session.get_outputs()]],
                            int(recorded) if recorded and recorded.isdigit() else None)
         self.name = f"onnxruntime {ort.__version__} ({providers[0]})"
-        self.bindings = {graph: session.io_binding() for graph, session in self.sessions.items()}
         self.types = {graph: {t.name: t.type for t in [*s.get_inputs(), *s.get_outputs()]} for graph, s in self.sessions.items()}
+        self.embedding, self.segments = Embedding(build), segment_plan(build)
         self._allocate()
 
-    def _ortvalue(self, shape: list[int], type_name: str, device: str) -> Any:
-        """A zero-filled OrtValue on `device` (bf16 ones on the host: ONNX Runtime copies them as needed)."""
-        if type_name == BF16:
-            return self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np.uint16), _BF16_ONNX_TYPE)
-        return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _DTYPES[type_name]), device, 0)
-
     def _allocate(self) -> None:
-        """The buffers every call reuses: features on the device, logits on the host, decode's ids."""
-        b = self.build
-        features_type = self.types[names.VISION][names.IMAGE_FEATURES]
-        hidden = self.sessions[names.VISION].get_outputs()[0].shape[-1]
-        self.features = self._ortvalue([b.crops, b.kept_per_crop, int(hidden)], features_type, self.device)
-        logits_type = self.types[names.DECODE][names.LOGITS]
-        self.logits_host = np.zeros((1, b.vocab), np.uint16 if logits_type == BF16 else _DTYPES[logits_type])  # [1, V]
-        self.logits = (self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(self.logits_host, _BF16_ONNX_TYPE)
-                       if logits_type == BF16 else self.ort.OrtValue.ortvalue_from_numpy(self.logits_host))
-        self.ids_host, self.position_host = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
-        self.ids = self.ort.OrtValue.ortvalue_from_shape_and_type([1, 1], np.int64, self.device, 0)
-        self.position = self.ort.OrtValue.ortvalue_from_shape_and_type([1, 1], np.int64, self.device, 0)
-        self.cache_names = {kind: names.cache_names(kind, b.layers) for kind in (names.past, names.present)}
+        """The cache buffers, once, at each layer's capacity; decode's small in/out arrays."""
+        b, last = self.build, names.decoder(len(self.build.language_steps))
+        self.float = _host_dtype(self.types[last][names.LOGITS])  # the graphs' float type on the host
+        capacities = b.capacities()
+        shape = lambda n: (1, b.kv_heads, n, b.head_dim)  # noqa: E731
+        self.cache = KVCache([np.zeros(shape(n), self.float) for n in capacities],
+                             [np.zeros(shape(n), self.float) for n in capacities], [0] * b.layers, capacities)
+        self.new_rows = {i: (np.zeros(shape(1), self.float), np.zeros(shape(1), self.float)) for i in range(b.layers)}
+        self.logits = np.zeros((1, b.vocab), self.float)  # [1, V]
+        self.features = np.zeros((b.visual_tokens, b.hidden), self.float)  # [n, D]
+        self.bindings = {graph: self.sessions[graph].io_binding() for graph, _, _ in self.segments}
+        self.hidden = {graph: np.zeros((1, 1, b.hidden), self.float) for graph, _, _ in self.segments}  # decode's attended
 
-    def _logits(self) -> np.ndarray:
-        """The host logits as [V] (a view, overwritten by the next step; bf16 converted)."""
-        row = self.logits_host[0]
-        return from_bf16_bits(row) if row.dtype == np.uint16 else row
-
-    def _run(self, graph: str, binding: Any) -> None:
+    def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
         try:
-            self.sessions[graph].run_with_iobinding(binding)
+            return self.sessions[graph].run(None, feeds)
         except Exception as error:
             raise BackendError(f"ONNX Runtime failed in {graph}: {' '.join(str(error).split())[:300]}") from None
 
-    def _bind_cache_outputs(self, binding: Any) -> None:
-        binding.bind_ortvalue_output(names.LOGITS, self.logits)
-        for name in self.cache_names[names.present]:
-            binding.bind_output(name, self.device, 0)  # allocated by ONNX Runtime at the computed shape
+    def _logits(self, row: np.ndarray) -> np.ndarray:
+        """[V] as float32 (bf16 bit patterns converted)."""
+        return from_bf16_bits(row) if row.dtype == np.uint16 else row
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        """pixel_values [crops, 3, S, S] -> image_features [n, D] (a reused host array)."""
+        pixels = self._input(names.VISION, names.PIXEL_VALUES, pixel_values)
+        self.features[...] = self._run(names.VISION, {names.PIXEL_VALUES: pixels})[0]
+        return self.features
 
     def _input(self, graph: str, name: str, array: np.ndarray) -> np.ndarray:
         """Host array in the graph input's dtype (bf16 as bit patterns)."""
         type_name = self.types[graph][name]
         return to_bf16_bits(array) if type_name == BF16 else np.ascontiguousarray(array, dtype=_DTYPES[type_name])
 
-    def vision(self, pixel_values: np.ndarray) -> Any:
-        """pixel_values [crops, 3, S, S] -> the features OrtValue [crops, k, D] (reused buffer)."""
-        binding = self.bindings[names.VISION]
+    def _empty_past(self, layers: range) -> dict:
+        shape = (1, self.build.kv_heads, 0, self.build.head_dim)
+        return {name: np.zeros(shape, self.float) for name in names.cache_names(names.past, layers)}
+
+    def prefill(self, before: np.ndarray, features: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        """ids before [1, Tb], features [n, D], ids after [1, Ta] -> (logits [V], the cache filled with the prompt)."""
+        before = np.ascontiguousarray(before, dtype=np.int64)
+        hidden = np.concatenate([self.embedding(before), features.astype(self.float, copy=False),
+                                 self.embedding(after)])[None]  # [1, P, D]
+        positions = np.arange(hidden.shape[1], dtype=np.int64)[None]  # [1, P]
+        cache = self.cache
+        cache.check_room(range(1), hidden.shape[1])  # layer 0 holds the whole prompt
+        for graph, reduce, layers in self.segments:
+            feeds = {names.HIDDEN_STATES: hidden, names.POSITION_IDS: positions,
+                     names.PAST_LENGTH: np.zeros(1, np.int64), **self._empty_past(layers)}
+            out = self._run(graph, feeds)
+            for slot, i in enumerate(layers):  # the prompt's rows, once, into the buffers
+                cache.keys[i][:, :, :hidden.shape[1]] = out[2 * slot + (1 if reduce is None else 2)]
+                cache.values[i][:, :, :hidden.shape[1]] = out[2 * slot + (2 if reduce is None else 3)]
+                cache.lengths[i] = hidden.shape[1]
+            if reduce is None:
+                return self._logits(out[0][0]), cache
+            hidden, positions, _ = self._run(reduce, {names.ATTENDED: out[0], names.ATTENTION: out[1],
+                                                      names.POSITION_IDS: positions, names.INPUT_IDS_BEFORE: before})
+        raise AssertionError("the last segment returns the logits")
+
+    def _bind_segment(self, graph: str, reduce: str | None, layers: range, hidden: np.ndarray) -> Any:
+        """decode's IO binding of one segment: every buffer by pointer, the new rows into small arrays."""
+        binding, cache = self.bindings[graph], self.cache
         binding.clear_binding_inputs(), binding.clear_binding_outputs()
-        pixels = self._input(names.VISION, names.PIXEL_VALUES, pixel_values)
-        if pixels.dtype == np.uint16:
-            binding.bind_ortvalue_input(names.PIXEL_VALUES, self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(pixels, _BF16_ONNX_TYPE))
+        binding.bind_cpu_input(names.HIDDEN_STATES, hidden)
+        binding.bind_cpu_input(names.POSITION_IDS, self.position)
+        binding.bind_cpu_input(names.PAST_LENGTH, np.array([cache.lengths[layers[0]]], np.int64))
+        for i in layers:
+            for kind, buffers, new in (("key", cache.keys, 0), ("value", cache.values, 1)):
+                buffer = buffers[i]
+                binding.bind_input(names.past(i, kind), "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
+                out = self.new_rows[i][new]
+                binding.bind_output(names.present(i, kind), "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+        if reduce is None:
+            binding.bind_output(names.LOGITS, "cpu", 0, self.logits.dtype, self.logits.shape, self.logits.ctypes.data)
         else:
-            binding.bind_cpu_input(names.PIXEL_VALUES, pixels)
-        binding.bind_ortvalue_output(names.IMAGE_FEATURES, self.features)
-        self._run(names.VISION, binding)
-        return self.features
+            out = self.hidden[graph]
+            binding.bind_output(names.ATTENDED, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+            binding.bind_output(names.ATTENTION, "cpu")
+        return binding
 
-    def prefill(self, before: np.ndarray, features: Any, after: np.ndarray) -> tuple[np.ndarray, OrtCache]:
-        """ids before [1, Tb], features [crops, k, D], ids after [1, Ta] -> (logits [V], cache of len_i)."""
-        binding = self.bindings[names.PREFILL]
-        binding.clear_binding_inputs(), binding.clear_binding_outputs()
-        binding.bind_cpu_input(names.INPUT_IDS_BEFORE, np.ascontiguousarray(before, dtype=np.int64))
-        binding.bind_ortvalue_input(names.IMAGE_FEATURES, features)
-        binding.bind_cpu_input(names.INPUT_IDS_AFTER, np.ascontiguousarray(after, dtype=np.int64))
-        self._bind_cache_outputs(binding)
-        self._run(names.PREFILL, binding)
-        return self._logits(), OrtCache(binding.get_outputs()[1:])
+    def decode(self, token: int, position: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """One token at `position` -> (logits [V], the same cache, one row longer in every layer)."""
+        hidden = self.embedding(np.array([token]))[None].astype(self.float, copy=False)  # [1, 1, D]
+        self.position = np.array([[position]], np.int64)
+        cache.check_room(range(self.build.layers), 1)
+        for graph, reduce, layers in self.segments:
+            binding = self._bind_segment(graph, reduce, layers, hidden)
+            try:
+                self.sessions[graph].run_with_iobinding(binding)
+            except Exception as error:
+                raise BackendError(f"ONNX Runtime failed in {graph}: {' '.join(str(error).split())[:300]}") from None
+            for i in layers:  # the new token's rows into the buffers: the only write to the cache
+                row = cache.lengths[i]
+                cache.keys[i][:, :, row] = self.new_rows[i][0][:, :, 0]
+                cache.values[i][:, :, row] = self.new_rows[i][1][:, :, 0]
+                cache.lengths[i] = row + 1
+            hidden = self.hidden[graph]
+        return self._logits(self.logits[0]), cache
 
-    def decode(self, token: int, position: int, cache: OrtCache) -> tuple[np.ndarray, OrtCache]:
-        """One token at `position` over the cache (len_i each) -> (logits [V], cache of len_i + 1)."""
-        binding = self.bindings[names.DECODE]
-        binding.clear_binding_inputs(), binding.clear_binding_outputs()
-        self.ids_host[0, 0], self.position_host[0, 0] = token, position
-        self.ids.update_inplace(self.ids_host)
-        self.position.update_inplace(self.position_host)
-        binding.bind_ortvalue_input(names.INPUT_IDS, self.ids)
-        binding.bind_ortvalue_input(names.POSITION_IDS, self.position)
-        for name, value in zip(self.cache_names[names.past], cache.values):
-            binding.bind_ortvalue_input(name, value)
-        self._bind_cache_outputs(binding)
-        self._run(names.DECODE, binding)
-        return self._logits(), OrtCache(binding.get_outputs()[1:])
+    def cache_lengths(self, cache: KVCache) -> tuple[int, ...]:
+        """len_i of every layer."""
+        return tuple(cache.lengths)
 
-    def cache_lengths(self, cache: OrtCache) -> tuple[int, ...]:
-        """len_i of every layer, from the key tensors' shapes [1, Hkv, len_i, Dh]."""
-        return tuple(int(value.shape()[2]) for value in cache.values[0::2])
-
-    def empty_cache(self, lengths: tuple[int, ...]) -> OrtCache:
-        """A zero cache with layer i of length lengths[i] (to time decode steps at any length)."""
+    def empty_cache(self, lengths: tuple[int, ...]) -> KVCache:
+        """The cache with layer i holding lengths[i] rows (their contents as they are: to time decode steps)."""
         if len(lengths) != self.build.layers:
             raise ValueError(f"need {self.build.layers} cache lengths, got {len(lengths)}")
-        type_name = self.types[names.DECODE][self.cache_names[names.past][0]]
-        b = self.build
-        return OrtCache([self._ortvalue([1, b.kv_heads, n, b.head_dim], type_name, self.device) for n in lengths for _ in (0, 1)])
+        self.cache.lengths[:] = [int(n) for n in lengths]
+        self.cache.check_room(range(self.build.layers), 1)
+        return self.cache
 
     def close(self) -> None:
         self.bindings.clear()
         self.sessions.clear()
+
+
+def _host_dtype(type_name: str) -> np.dtype:
+    return np.dtype(np.uint16) if type_name == BF16 else np.dtype(_DTYPES[type_name])

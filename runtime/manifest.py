@@ -9,11 +9,16 @@ No torch, no transformers: this module runs on the device. Schema (version 1):
                                    files' names and sizes), architecture, text: {layers, hidden, kv_heads,
                                    head_dim, vocab, image_token_id, eos_token_ids}}
     variant, ficoco               the FiCoCo variant ("none" for an unreduced build) and its settings
-    schedule                      {vision: [[layer, in, out], ...] per crop, language: [...],
-                                   patches_per_crop, kept_per_crop, crops, grid, visual_tokens}
+    schedule                      the build plan, as `ficoco.BuildPlan.to_dict` writes it: {variant, geometry,
+                                   vision: [[layer, in, out], ...] per crop, language: [...], patches_per_crop,
+                                   kept_per_crop, crops, grid, newline_rows, visual_tokens}
     precision, max_seq_len
-    graphs                        {vision|prefill|decode: {file, sha256, bytes, external_data: [{file, sha256}],
-                                   inputs: [{name, shape, dtype}], outputs: [...]}}
+    graphs                        {GRAPH: {file, sha256, bytes, external_data: [{file, sha256}],
+                                   inputs: [{name, shape, dtype}], outputs: [...]}} for every graph of
+                                   `runtime.names.graph_names`, in running order
+    embedding                     {graph, file, offset, shape, dtype, transposed}: the text embedding table
+                                   in that graph's external data (the runtime looks rows up there)
+    memory                        the memory plan (ficoco.memory): bytes of weights, KV cache, engines
     engines                       same keys, engine files (empty when no TensorRT build)
     tensorrt                      {flavour, version, compute_capabilities, trtexec: {graph: command}} or null
     preprocess                    the Hugging Face image-processor settings (dict), with "backend": "pil" |
@@ -207,7 +212,7 @@ class Build:
         if (self.architecture == "llava_next") != (self.grid is not None):
             raise BuildError(f"manifest: schedule grid {self.grid} does not fit architecture {self.architecture!r}")
         rows, cols = self.grid or (0, 0)
-        crops, visual = 1 + rows * cols, self.kept_per_crop * self.crops + rows
+        crops, visual = 1 + rows * cols, self.kept_per_crop * self.crops + rows  # BuildPlan: + newline_rows
         if (self.crops, self.visual_tokens) != (crops, visual):
             raise BuildError(f"manifest: crops {self.crops} / visual_tokens {self.visual_tokens} do not follow from "
                              f"grid {self.grid} and kept_per_crop {self.kept_per_crop} (expected {crops} / {visual})")
@@ -267,21 +272,21 @@ class Build:
 
     def expected_io(self, graph: str) -> dict[str, tuple[list, str]]:
         """{tensor: (shape, dtype)} a graph must have for this manifest; None in a shape: any (dynamic) size."""
-        f, i64 = FLOAT_DTYPES[self.precision], "int64"
-        features = ([self.crops, self.kept_per_crop, None], f)
-        logits = {names.LOGITS: ([1, self.vocab], f)}
-
-        def cache(prefix) -> dict:
-            return {n: ([1, self.kv_heads, None, self.head_dim], f) for n in names.cache_names(prefix, self.layers)}
-
+        f, i64, hidden = FLOAT_DTYPES[self.precision], "int64", self.hidden
         if graph == names.VISION:
-            return {names.PIXEL_VALUES: ([self.crops, 3, *self.preprocess.crop_hw], f), names.IMAGE_FEATURES: features,
+            return {names.PIXEL_VALUES: ([self.crops, 3, *self.preprocess.crop_hw], f),
+                    names.IMAGE_FEATURES: ([self.visual_tokens, hidden], f),
                     names.KEPT_POSITIONS: ([self.crops, self.kept_per_crop], i64)}
-        if graph == names.PREFILL:
-            return {names.INPUT_IDS_BEFORE: ([1, None], i64), names.IMAGE_FEATURES: features,
-                    names.INPUT_IDS_AFTER: ([1, None], i64), **logits, **cache(names.present)}
-        return {names.INPUT_IDS: ([1, 1], i64), names.POSITION_IDS: ([1, 1], i64), **cache(names.past),
-                **logits, **cache(names.present)}
+        if graph == names.EMBED:
+            return {names.INPUT_IDS: ([1, None], i64), names.INPUTS_EMBEDS: ([1, None, hidden], f)}
+        inputs, outputs = names.io_names(graph, self.reduction_layers, self.layers)
+        tokens = [1, None, hidden]
+        known = {names.HIDDEN_STATES: (tokens, f), names.ATTENDED: (tokens, f), names.ATTENTION: ([1, None, None], "float32"),
+                 names.POSITION_IDS: ([1, None], i64), names.REDUCED_POSITION_IDS: ([1, None], i64),
+                 names.INPUT_IDS_BEFORE: ([1, None], i64), names.KEPT: ([1, None], i64),
+                 names.PAST_LENGTH: ([1], i64), names.LOGITS: ([1, self.vocab], f)}
+        cache = ([1, self.kv_heads, None, self.head_dim], f)
+        return {name: known.get(name, cache) for name in [*inputs, *outputs]}
 
     def check_io(self, graph: str, tensors: list[tuple[str, list, object]], max_seq_len: int | None = None) -> None:
         """A graph's own I/O (name, shape, dtype), as the backend loaded it, against `expected_io`; and the
@@ -308,12 +313,30 @@ class Build:
 
     def check_listed_io(self) -> None:
         """The graphs' I/O as the manifest lists it (what `--from-onnx` makes engine profiles from) against `expected_io`."""
-        for graph in names.GRAPHS:
+        for graph in self.graph_names:
             entry = (self.manifest.get("graphs") or {}).get(graph)
             lists = [entry.get(key) for key in ("inputs", "outputs")] if isinstance(entry, dict) else [None]
             if not all(isinstance(t, list) and all(isinstance(x, dict) for x in t) for t in lists):
                 raise BuildError(f"manifest: graphs.{graph} must list inputs and outputs as {{name, shape, dtype}} entries")
             self.check_io(graph, [(x.get("name"), x.get("shape"), x.get("dtype")) for t in lists for x in t])
+
+    @property
+    def reduction_layers(self) -> tuple[int, ...]:
+        return tuple(step[0] for step in self.language_steps)
+
+    @property
+    def graph_names(self) -> list[str]:
+        """Every graph of this build, in running order (`runtime.names.graph_names`)."""
+        return names.graph_names(len(self.language_steps), names.EMBED in (self.manifest.get("graphs") or {}))
+
+    @property
+    def hidden(self) -> int:
+        return int(self.manifest["source"]["text"]["hidden"])
+
+    def capacities(self) -> tuple[int, ...]:
+        """Each layer's cache capacity: max_seq_len less what FiCoCo-L removed before that layer."""
+        return tuple(self.max_seq_len - sum(t_in - t_out for layer, t_in, t_out in self.language_steps if layer < index)
+                     for index in range(self.layers))
 
     @property
     def after_ficoco_l(self) -> int:

@@ -1,0 +1,80 @@
+"""What every backend's LLM steps share: the text embedding table, and the KV cache allocated once.
+
+`Embedding` memory-maps the table where the build stores it once (manifest `embedding`: the LM
+head's weight when tied, else embed.onnx's), and looks rows up on the host: a prompt's text tokens,
+or one token per decode step. `KVCache` is the per-layer buffers and their filled lengths; a
+backend's steps read the past from the buffers in place and write the new rows at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendError
+from .manifest import Build, BuildError, plain_name
+
+
+class Embedding:
+    """input ids -> rows [q, D] of the embedding table (a read-only memory map; bf16 as uint16 bits)."""
+
+    def __init__(self, build: Build):
+        self.__init_from(build.directory, build.manifest.get("embedding"))
+
+    @classmethod
+    def from_entry(cls, directory, entry: dict) -> Embedding:
+        """From a manifest `embedding` entry of the build in `directory` (export.verify, before the manifest exists)."""
+        self = cls.__new__(cls)
+        self.__init_from(directory, entry)
+        return self
+
+    def __init_from(self, directory, entry) -> None:
+        from pathlib import Path
+
+        if not isinstance(entry, dict):
+            raise BuildError(f"{str(directory)!r}: the manifest has no embedding entry (a build from before the weights-once layout?)")
+        path = Path(directory) / plain_name(entry.get("file"), "embedding.file")
+        dtype = np.dtype(np.uint16) if entry["dtype"] == "bfloat16" else np.dtype(entry["dtype"])
+        shape = tuple(int(d) for d in entry["shape"])
+        try:
+            self.table = np.memmap(path, dtype=dtype, mode="r", offset=int(entry["offset"]), shape=shape)
+        except (OSError, ValueError) as error:
+            raise BuildError(f"cannot map the embedding table {shape} from {str(path)!r}: {error}") from None
+        self.transposed, self.vocab = bool(entry["transposed"]), shape[1] if entry["transposed"] else shape[0]
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """ids [q] (any int dtype) -> [q, D], a fresh array."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            raise BackendError(f"token id {int(ids.max() if ids.max() >= self.vocab else ids.min())} is outside the vocabulary of {self.vocab}")
+        return np.ascontiguousarray(self.table[:, ids].T if self.transposed else self.table[ids])
+
+
+@dataclass
+class KVCache:
+    """Layer i's key and value buffers (backend-owned: host arrays or device pointers) and its filled rows."""
+
+    keys: list[Any]
+    values: list[Any]
+    lengths: list[int]  # per layer
+    capacities: tuple[int, ...]  # per layer
+
+    def check_room(self, layers: range, rows: int) -> None:
+        """BackendError when `rows` more do not fit every layer of `layers`."""
+        for i in layers:
+            if self.lengths[i] + rows > self.capacities[i]:
+                raise BackendError(f"layer {i}'s cache holds {self.capacities[i]} tokens; {self.lengths[i]} + {rows} do not fit "
+                                   f"(max_seq_len of this build)")
+
+
+def segment_plan(build: Build) -> list[tuple[str, str | None, range]]:
+    """[(decoder.s, reduce.{s+1} or None, cached layers)] in running order."""
+    from . import names
+
+    steps, out = len(build.language_steps), []
+    for s in range(steps + 1):
+        out.append((names.decoder(s), names.reduce(s + 1) if s < steps else None,
+                    names.segment_layers(s, build.reduction_layers, build.layers)))
+    return out
