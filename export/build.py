@@ -27,7 +27,7 @@ from runtime import names
 from . import gates
 from .reload import source_entry
 from .request import BACKENDS, PRECISIONS, VARIANTS, BuildRequest, parse_capability, parse_grid
-from .from_onnx import build_engines, run_from_onnx  # engines: every build, and --from-onnx on the device
+from .from_onnx import ENGINELESS, build_engines, run_from_onnx  # engines: every build, and --from-onnx on the device
 
 
 class Progress:
@@ -126,7 +126,8 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
     with progress.stage(f"patch FiCoCo-{request.variant.upper()}"):
         patch_plan, plan = pipeline.patch(model, processor, request)
         graphs = graph_set(model, patch_plan, plan)
-        progress.total += progress.per_graph * len(graphs.exported)
+        engines = [g for g in graphs.exported if g not in ENGINELESS]
+        progress.total += len(graphs.exported) + (progress.per_graph - 1) * len(engines)
         pixel_dtype = verify.NUMPY_DTYPES.get(request.precision, verify.NUMPY_DTYPES["fp32"])  # bf16: cast in example_args
         sample = verify.make_sample(processor, model.config.image_token_id, verify.COMPARE_PROMPTS[0], pixel_dtype)
         args = pipeline.example_args(graphs, sample)
@@ -139,7 +140,7 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
     parity = None
     if request.verify:
         with progress.stage("verify (Polygraphy: PyTorch vs ONNX Runtime; greedy and teacher-forced decoding)"):
-            parity = verify.verify(tmp, model, processor, graphs, request.precision)
+            parity = verify.verify(tmp, model, processor, graphs, request.precision, embedding)
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
         if not parity["passed"] and not request.allow_parity_failure:
             raise VerificationError(parity)

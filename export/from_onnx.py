@@ -35,35 +35,49 @@ from .engine import CURRENT, EngineSpec, Flavour, build_engine
 from .request import DEFAULT_COMPUTE_CAPABILITIES, BuildRequest
 
 
-def engine_profiles(graph_entry: dict, max_seq_len: int, opt: dict[str, int]) -> dict:
-    """(min, opt, max) per input: text dims 1..max_seq_len, everything else as exported."""
+def dim_ranges(body: dict, graph: str) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each named dim of `graph`, bounded by the prompt: the whole prompt (text before,
+    visual tokens, text after) is at most max_seq_len at layer 0, less what FiCoCo-L removed at later
+    segments. The cache buffers are bound whole at every step (prefill: past_length 0), so `capacity`
+    is fixed at the segment's capacity. Optimum: a typical chat prompt (8 tokens before, 32 after)."""
+    max_seq_len, schedule = body["max_seq_len"], body["schedule"]
+    removed = [0]
+    for _, tokens_in, tokens_out in schedule["language"]:
+        removed.append(removed[-1] + tokens_in - tokens_out)
+    kind, _, index = graph.partition(".")
+    segment = int(index) - (kind == "reduce") if index else 0
+    longest = max_seq_len - removed[segment]  # tokens into this graph at most
+    typical = min(8 + 32 + schedule["visual_tokens"] - removed[segment], longest)
+    ranges = {"tokens": (1, typical, longest), "capacity": (longest, longest, longest),
+              "text_before": (1, min(8, max_seq_len), max_seq_len)}
+    if kind == "reduce":  # the prompt holds the step's visual tokens and at least one text token before them
+        tokens_in = schedule["language"][segment][1]
+        ranges["tokens"] = (tokens_in + 1, max(typical, tokens_in + 1), longest)
+        ranges["text_before"] = (1, 8, longest - tokens_in)
+    return ranges
+
+
+def engine_profiles(graph_entry: dict, ranges: dict[str, tuple[int, int, int]]) -> dict:
+    """(min, opt, max) per input from the graph's listed shapes: named dims from `ranges`, the rest as exported."""
     profiles = {}
     for tensor in graph_entry["inputs"]:
-        low, best, high = [], [], []
-        for dim in tensor["shape"]:
-            if isinstance(dim, int):
-                low.append(dim), best.append(dim), high.append(dim)
-            else:
-                low.append(1), best.append(min(opt.get(dim, 64), max_seq_len)), high.append(max_seq_len)
-        profiles[tensor["name"]] = (tuple(low), tuple(best), tuple(high))
+        shape = [(d, d, d) if isinstance(d, int) else ranges[d] for d in tensor["shape"]]
+        profiles[tensor["name"]] = tuple(tuple(dims[i] for dims in shape) for i in range(3))
     return profiles
 
 
-def optimum_shapes(body: dict) -> dict[str, int]:
-    """Optimum dims: a typical chat prompt, and caches about as long as the prompt with its visual tokens."""
-    visual_tokens, layers = body["schedule"]["visual_tokens"], body["source"]["text"]["layers"]
-    return {"text_before": 8, "text_after": 32, **{f"past_{i}": visual_tokens + 64 for i in range(layers)}}
+ENGINELESS = (names.EMBED,)  # the runtime looks embeddings up in the table; no engine needed
 
 
 def build_engines(directory: Path, body: dict, request: BuildRequest, flavour: Flavour, progress: Any) -> tuple[dict, dict]:
     """Compile every ONNX graph of the build in `directory`; returns (engines entries, tensorrt section).
 
     TensorRT's log goes to `progress.log` (the build's build.log)."""
-    graphs, opt, engines, commands = body["graphs"], optimum_shapes(body), {}, {}
-    for graph in names.GRAPHS:
+    graphs, engines, commands = body["graphs"], {}, {}
+    for graph in [g for g in graphs if g not in ENGINELESS]:
         spec = EngineSpec(
             onnx_path=directory / graphs[graph]["file"], engine_path=directory / f"{graph}.engine",
-            profiles=engine_profiles(graphs[graph], request.max_seq_len, opt), precision=request.precision,
+            profiles=engine_profiles(graphs[graph], dim_ranges(body, graph)), precision=request.precision,
             compute_capabilities=request.compute_capabilities if flavour.is_rtx else (),
         )
         with progress.stage(f"engine {graph} ({flavour.name})"):
@@ -71,7 +85,7 @@ def build_engines(directory: Path, body: dict, request: BuildRequest, flavour: F
         commands[graph] = info.pop("trtexec")
         engines[graph] = {"file": spec.engine_path.name, **info}  # info holds the written bytes' sha256 and size
     section = {"flavour": flavour.name, "version": flavour.version,
-               "compute_capabilities": engines[names.GRAPHS[0]]["compute_capabilities"],
+               "compute_capabilities": engines[names.VISION]["compute_capabilities"],
                "trtexec": commands, "trtexec_cwd": "."}
     return engines, section
 
@@ -118,8 +132,8 @@ def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bo
     request = dataclasses.replace(request, precision=body["precision"], max_seq_len=body["max_seq_len"],
                                   compute_capabilities=targets, verify=False)  # engines only: nothing to verify
     old_engines = {entry["file"] for entry in (body.get("engines") or {}).values()}
-    rewritten = {manifest_io.FILENAME, "build.log", *old_engines, *(f"{g}.engine" for g in names.GRAPHS)}
-    progress = Progress(3, io.StringIO())
+    rewritten = {manifest_io.FILENAME, "build.log", *old_engines, *(f"{g}.engine" for g in body["graphs"])}
+    progress = Progress(len([g for g in body["graphs"] if g not in ENGINELESS]), io.StringIO())
     with Workspace(directory) as ws:
         link_tree(directory, ws.build, rewritten)
         body["engines"], body["tensorrt"] = build_engines(ws.build, body, request, flavour, progress)

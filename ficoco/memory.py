@@ -7,9 +7,11 @@ and the decoder split at each FiCoCo-L reduction layer into `decoder.0`,
 `decoder.1`, ... (the last segment holds the final norm and the LM head; the
 `reduce.N` graphs are weightless). Plus one KV-cache buffer per decoder layer,
 allocated once (`kv_capacities`), and an activation / workspace estimate.
-Caches are sized for `max_seq_len`, so FiCoCo-V (fewer prompt tokens) leaves the
-plan as it is; FiCoCo-L shortens the caches after its layers. Left out: the host
-copy of an engine while it loads (on a Jetson it shares the same DRAM).
+Caches are sized for `max_seq_len`: FiCoCo-L shortens those after its layers,
+FiCoCo-V only the prompt (so the prefill's activations, through `prompt_len`).
+The token table is counted as device memory although the runtime looks text
+embeddings up on the host (the same DRAM on a Jetson). Left out: the host copy
+of an engine while it loads.
 
 Units: bytes everywhere (ints); GiB = 2**30 bytes in what is printed.
 """
@@ -329,12 +331,12 @@ def plan_memory(config: dict, ficoco: FiCoCoConfig | None, max_seq_len: int, wei
         raise ValueError(f"prompt_len must be more than the {visual} visual tokens and at most max_seq_len "
                          f"{max_seq_len}, got {prompt_len!r}")
     graphs = weight_bytes(config, weights, vision_weights, [s.layer for s in language], block_size)
-    if engine_memory is None:
-        act = activation_estimate(config, prompt_len, crops, 4 if weights == "fp32" else 2, bool(language))
+    act = activation_estimate(config, prompt_len, crops, 4 if weights == "fp32" else 2, bool(language))
     return MemoryPlan(
         model=str(config.get("_name_or_path") or config.get("model_type", "?")), setting=describe(ficoco),
         weight_format=weights, vision_format=vision_weights or weights, kv_dtype=kv_dtype,
-        max_seq_len=max_seq_len, prompt_len=prompt_len, crops=crops, visual_tokens=visual, language_steps=tuple(language),
+        max_seq_len=max_seq_len, prompt_len=prompt_len, crops=crops, visual_tokens=visual,
+        language_steps=tuple(language),
         weights={k: v for k, v in graphs.items() if k != "decoder"},
         kv_capacities=tuple(kv_capacities(config, max_seq_len, language)),
         kv_bytes=kv_bytes(config, max_seq_len, language, KV_DTYPES[kv_dtype]),
