@@ -206,7 +206,7 @@ def merge_weights(corr: Tensor, eps: float) -> Tensor:
     corr: [B, r, m] (non-negative). Returns alpha [B, r, m]; each row sums to 1.
     """
     tau = quantile_threshold(corr, eps)
-    picked = torch.where(corr >= tau, corr, torch.zeros_like(corr))
+    picked = corr.masked_fill(corr < tau, 0.0)  # a scalar fill: no [B, r, m] zeros constant in the export
     return picked / picked.sum(dim=-1, keepdim=True)
 
 

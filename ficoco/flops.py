@@ -12,9 +12,11 @@ tokens this gives LLaVA-1.5-7B's prefill as 8.45 TFLOPs (paper: 8.5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .config import FiCoCoConfig, ModelGeometry, Schedule, build_schedule
+from .config import FiCoCoConfig, ModelGeometry, Schedule
+from .plan import BuildPlan
+from .plan import plan as build_plan
 
 TEXT_TOKENS = 60  # the paper's "about 60" text tokens of a prompt
 VARIANTS = ("v", "l", "vl")
@@ -80,8 +82,9 @@ def vision_flops(vision: Transformer, crops: int, patches: int, vision_steps: di
 
 # --------------------------------------------------------------------------- whole models, from a config dict
 # A LLaVA config in Hugging Face's config.json format (text_config / vision_config dicts with
-# every width filled in). LLaVA-NeXT counts `crops x P` visual tokens: the anyres grid with
-# most crops plus the base crop, without the image_newline tokens (2880 for llava-v1.6).
+# every width filled in). The visual tokens are the build's (`ficoco.plan`): LLaVA-NeXT counts
+# the anyres grid with most crops plus the base crop, `crops x k` tokens, and one image_newline
+# token per grid row (2 x 2 grid: 5 x 576 + 2 = 2882 for llava-v1.6), as the manifest does.
 
 
 def config_geometry(config: dict) -> ModelGeometry:
@@ -117,10 +120,11 @@ class Count:
     variant: str  # "none", "v", "l" or "vl"
     tokens: int
     crops: int
-    visual_tokens: int  # into the LLM
+    visual_tokens: int  # into the LLM: crops x kept per crop (+ LLaVA-NeXT's newline tokens)
     schedule: Schedule
     vision: float
     prefill: float
+    plan: BuildPlan | None = field(default=None, compare=False)  # the build plan counted
 
     @property
     def total(self) -> float:
@@ -129,26 +133,25 @@ class Count:
 
 def count(config: dict, variant: str = "none", tokens: int | None = None, text_tokens: int = TEXT_TOKENS,
           grid: tuple[int, int] | None = None) -> Count:
-    """Analytic FLOPs of the vision encoder and the prefill for `variant` keeping `tokens` per crop."""
+    """Analytic FLOPs of the vision encoder and the prefill for `variant` keeping `tokens` per crop.
+
+    The token counts are `ficoco.plan`'s, the ones a build with that setting runs (and its manifest's
+    FLOPs count): FiCoCo-L sees every visual token FiCoCo-V passes on, LLaVA-NeXT's newlines included.
+    """
     if variant not in ("none", *VARIANTS):
         raise ValueError(f"variant must be 'none' or one of {VARIANTS}, got {variant!r}")
     geometry = config_geometry(config)
-    rows_cols = anyres_grid(config, grid)
-    crops = 1 + rows_cols[0] * rows_cols[1] if rows_cols else 1
     tokens = geometry.patches if tokens is None else tokens
-    if variant == "none" or tokens == geometry.patches:
-        schedule = Schedule((), ())
-    else:  # FiCoCo-L sees the visual tokens of every crop that FiCoCo-V passes on
-        ficoco = FiCoCoConfig(variant, tokens=tokens)
-        encoder = build_schedule(ficoco, geometry).vision
-        schedule = build_schedule(ficoco, geometry, crops * (encoder[-1].tokens_out if encoder else geometry.patches))
-    visual = crops * (schedule.vision[-1].tokens_out if schedule.vision else geometry.patches)
-    language = {s.layer: s.tokens_out for s in schedule.language}
+    ficoco = None if variant == "none" or tokens == geometry.patches else FiCoCoConfig(variant, tokens=tokens)
+    p = build_plan(config, ficoco, anyres_grid(config, grid))
+    schedule = Schedule(p.vision, p.language)
     return Count(
-        variant, tokens, crops, visual, schedule,
-        vision=vision_flops(vision_of(config["vision_config"]), crops, geometry.patches, schedule.vision_tokens,
+        variant, tokens, p.crops, p.visual_tokens, schedule,
+        vision=vision_flops(vision_of(config["vision_config"]), p.crops, geometry.patches, schedule.vision_tokens,
                             geometry.feature_layer),
-        prefill=prefill_flops(text_of(config["text_config"]), text_tokens, visual, language),
+        prefill=prefill_flops(text_of(config["text_config"]), text_tokens, p.visual_tokens,
+                              {s.layer: s.tokens_out for s in p.language}),
+        plan=p,
     )
 
 

@@ -1,15 +1,19 @@
 """One interface over the inference backends, and the choice between them.
 
-A backend runs a build's three graphs and keeps its tensors where they are computed (host memory
-for ONNX Runtime on CPU, the GPU otherwise): `vision` leaves the image features on the device for
-`prefill` (in a buffer the next `vision` reuses), and the cache one step returns is what the next step reads. Only logits [V] come back
-to the host, into a buffer the backend owns and overwrites at its next step.
+A backend runs a build's graphs (vision, the decoder segments and the FiCoCo-L reductions;
+`runtime.names`) and keeps its tensors where they are computed (host memory for ONNX Runtime on
+CPU, the GPU otherwise): `vision` leaves the image features where `prefill` reads them (in a buffer
+the next `vision` reuses). The KV cache (`runtime.kvcache.KVCache`: one buffer per layer at its
+capacity, and the filled lengths) is allocated once, when the backend is opened: `prefill` fills it
+with the prompt and returns it, `decode` writes one new row per layer in place and returns the same
+object. Only logits [V] come back to the host, into a buffer the backend owns and overwrites at its
+next step.
 
-    vision(pixel_values [crops, 3, S, S])            -> features [crops, k, D], on the device, opaque
-    prefill(before [1, Tb], features, after [1, Ta]) -> (logits [V], cache)
-    decode(token, position, cache)                   -> (logits [V], cache)   cache grown by one
-    cache_lengths(cache)                             -> per layer len_i, read from the tensors
-    empty_cache(lengths)                             -> a zero cache of those lengths (benchmarks)
+    vision(pixel_values [crops, 3, S, S])            -> features [n, D], where prefill reads them, opaque
+    prefill(before [1, Tb], features, after [1, Ta]) -> (logits [V], cache)   cache holding the prompt
+    decode(token, position, cache)                   -> (logits [V], cache)   the same cache, one row longer
+    cache_lengths(cache)                             -> per layer len_i
+    empty_cache(lengths)                             -> the cache set to those lengths, contents as they are (benchmarks)
 
 Choosing TensorRT (`tensorrt_problem`): the build must have engines, their TensorRT flavour must
 import, a CUDA device and an allocator (cuda-python, or torch built with CUDA) must be present, the

@@ -1,4 +1,5 @@
-"""TensorRT backend: a build's three engines, run with `execute_async_v3` on one CUDA stream.
+"""TensorRT backend: a build's engines, run with `execute_async_v3` on one CUDA stream, the KV cache
+allocated once on the device and updated in place (the steps of runtime/backend_ort.py, on the GPU).
 
 Works with standard TensorRT 10.x (module `tensorrt`, as on JetPack 6.1+ and JetPack 7) and
 TensorRT-RTX 1.x (`tensorrt_rtx_bindings` from pip, or `tensorrt_rtx` from the SDK), whichever
@@ -6,32 +7,44 @@ flavour the manifest says built the engines. Device memory comes from `runtime.c
 torch built with CUDA). Open it through `runtime.backend.open_backend`, which first checks the
 engines against this machine (TensorRT version, compute capability; see `runtime.device`).
 
-Buffers are allocated once, at their largest size, and every tensor address is set before each run:
+Engines: every graph but embed.onnx (`ENGINELESS`): vision, decoder.0 .. decoder.S, reduce.1 .. reduce.S.
+Each has one optimization profile, which fixes the cache capacity at its segment's
+(`export.from_onnx.dim_ranges`): every step binds the whole cache buffers.
 
-* vision: pixel_values [crops, 3, S, S] (uploaded), image_features [crops, k, D] (stays on the GPU and
-  is prefill's input as is), kept_positions [crops, k] (an output TensorRT must have an address for).
-* ids: input_ids_before / input_ids_after of capacity max_seq_len, decode's input_ids and
-  position_ids [1, 1]; logits [1, V] shared by prefill and decode, downloaded after each step.
-* caches: two sets ("ping" and "pong") of `2 * layers` buffers, each of capacity
-  [1, Hkv, max_seq_len, Dh]. The graphs return the whole cache (past + new), so a step cannot
-  write in place ([1, Hkv, len, Dh] and [1, Hkv, len + 1, Dh] lay the heads out differently):
-  prefill writes set 0, decode reads set s and writes set 1 - s. Costs twice the cache memory and
-  no copy besides the graph's own; a step moves `2 * sum_i Hkv * len_i * Dh` values, growing with
-  the sequence. A TrtCache is therefore only valid until the step after the one that consumes it.
+* vision: pixel_values [crops, 3, S, S] (uploaded) -> image_features [n, D], which stays on the device
+  for prefill, and kept_positions [crops, k] (an output TensorRT must have an address for).
+* prefill: text rows looked up on the host (`runtime.kvcache.Embedding`) are uploaded into
+  hidden_states [1, P, D] around the image features (copied device to device). Each segment runs
+  with past_length 0; its new rows [1, Hkv, q, Dh] go to a scratch buffer, then into the cache
+  buffers at rows 0 .. q - 1 (`copy2d`: Hkv rows of q * Dh values, destination pitch capacity * Dh).
+  reduce.s runs between decoder.{s-1} and decoder.s. The logits [1, V] are downloaded.
+* decode: one embedding row uploaded, the segments only (decoder.s's `attended` is decoder.{s+1}'s
+  hidden_states), past_length = the segment's cache length; each layer's new row is written at row
+  len_i: `2 * layers * Hkv * Dh` values copied per step besides what the engines read and write.
 
-Dynamic dimensions are set with `set_input_shape` (text lengths, each layer's own past length,
-which is shorter after a FiCoCo-L step); output shapes are read back with `get_tensor_shape`. The
-return values of `set_input_shape` and `set_tensor_address` are checked (a shape outside the
-engine's own optimization profile, an address TensorRT refuses). Host reads happen only after the
-stream is synchronized; device memory is never assumed to be zero.
+Device buffers, allocated once: the KV cache, per layer a key and a value buffer [1, Hkv,
+capacity_i, Dh] (`Build.capacities`), zeroed once (the graphs mask the rows from past_length on but
+still multiply them by zero, and cudaMalloc'd memory may hold NaN); `present`, a scratch for one
+segment's new rows at its capacity, shared by the segments (as large as the largest segment's
+cache); hidden_states / attended [1, max_seq_len, D] and position_ids / reduced_position_ids
+[1, max_seq_len], each pair alternating as input and output (an output never aliases an input);
+with FiCoCo-L attention [1, max_seq_len, max_seq_len], input_ids_before and kept; past_length per
+segment; logits [1, V]. Tensors passed between engines share a buffer, so their engine types must
+agree; that, and each engine's cache capacity against the manifest, is checked at load.
+
+Dynamic dimensions are set with `set_input_shape`; output shapes are read back with
+`get_tensor_shape` and checked before each run (a reduction's token count may read -1,
+data-dependent, before the run: its buffers hold the largest). The results of `set_input_shape` and
+`set_tensor_address` are checked. Host reads happen only after the stream is synchronized (each step
+ends with one); host arrays stay alive until then.
 
 Loading: each engine file is memory-mapped and handed to `deserialize_cuda_engine`, so no second
 engine-sized copy is made in host memory (Jetson's memory is shared with the GPU). TensorRT-RTX:
 `get_engine_validity` checks the header first; each engine gets an `IRuntimeConfig` with a runtime
 cache of JIT-compiled kernels kept in the user cache directory (`$FICOCO_CACHE/tensorrt-rtx`, else
 `~/.cache/ficoco/tensorrt-rtx`; never inside the build), loaded at start and saved at `close`, and
-the dynamic-shape kernel specialization strategy NONE for decode, whose cache length changes at
-every step (LAZY would compile a kernel per new length), and LAZY for prefill (prompt lengths repeat).
+the dynamic-shape kernel specialization strategy LAZY: the decode shapes never change (q = 1 at a
+fixed capacity), so a segment compiles one decode kernel, and one per new prompt length at prefill.
 TensorRT's warnings and errors go to stderr; the last error is part of the message of a failure.
 
 NOT EXECUTED on a GPU: no GPU was available where this was written. tests/runtime/test_tensorrt.py
@@ -44,7 +57,6 @@ import importlib
 import mmap
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +67,14 @@ from runtime import names
 from .backend_ort import from_bf16_bits, to_bf16_bits
 from .cuda import open_cuda
 from .errors import TRT_MODULES, BackendError, BackendNotInstalledError, EngineMismatchError, rebuild_hint, trt_install_hint
+from .kvcache import Embedding, KVCache, segment_plan
 from .manifest import Build, BuildError
 
 _HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT64": np.int64, "INT32": np.int32,
                 "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
-SPECIALIZATION = {names.DECODE: "NONE", names.PREFILL: "LAZY"}  # dynamic-shape kernel strategy per graph (RTX)
+SPECIALIZATION = "LAZY"  # TensorRT-RTX's dynamic-shape kernel strategy, every engine (module docstring)
+ENGINELESS = (names.EMBED,)  # as export.from_onnx.ENGINELESS: the runtime looks embeddings up itself
+ALIGNMENT = 256  # bytes: where each slice of the `present` scratch starts
 
 
 def import_trt(flavour: str, directory: str | Path = ".") -> Any:
@@ -104,18 +119,6 @@ def _logger(trt: Any, flavour: str) -> Any:
 
 def _last_error(logger: Any, fallback: str) -> str:
     return " ".join(logger.errors[-1].split()) if logger.errors else fallback
-
-
-@dataclass(frozen=True)
-class TrtCache:
-    """Which cache set holds the sequence (0 or 1) and each layer's length len_i."""
-
-    index: int
-    lengths: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if self.index not in (0, 1) or any(n < 1 for n in self.lengths):
-            raise ValueError(f"bad TrtCache: set {self.index}, lengths {self.lengths}")
 
 
 def _check_validity(trt: Any, runtime: Any, logger: Any, path: Path, flavour: str, directory: Path) -> None:
@@ -194,9 +197,8 @@ class _Engine:
             config = self.engine.create_runtime_config()
             sha = build.engines[graph]["sha256"]
             self.runtime_cache = _RuntimeCache(config, runtime_cache_dir() / f"{graph}-{sha[:16]}.cache")
-            if graph in SPECIALIZATION:
-                strategy = getattr(trt.DynamicShapesKernelSpecializationStrategy, SPECIALIZATION[graph])
-                config.dynamic_shapes_kernel_specialization_strategy = strategy
+            strategy = getattr(trt.DynamicShapesKernelSpecializationStrategy, SPECIALIZATION)
+            config.dynamic_shapes_kernel_specialization_strategy = strategy
         self.context = _context(self.engine, config, logger, graph)
         tensors = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.dtypes = {n: _host_dtype(self.engine.get_tensor_dtype(n)) for n in tensors}
@@ -228,6 +230,10 @@ def _host_dtype(dtype: Any) -> np.dtype:
     return np.dtype(_HOST_DTYPES[name])
 
 
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
 class TensorRTBackend:
     """TensorRT over a build's engines (see the module docstring)."""
 
@@ -238,9 +244,12 @@ class TensorRTBackend:
         self.cuda = open_cuda()
         try:
             self.runtime = trt.Runtime(self.logger)
-            for graph in names.GRAPHS:
-                self.engines[graph] = _Engine(trt, self.runtime, self.logger, build, graph, flavour)
+            for graph in build.graph_names:
+                if graph not in ENGINELESS:
+                    self.engines[graph] = _Engine(trt, self.runtime, self.logger, build, graph, flavour)
             self.name = f"{flavour} {trt.__version__} ({self.cuda.name})"
+            self.embedding, self.segments = Embedding(build), segment_plan(build)
+            self._check_capacities()
             self._allocate()
         except BaseException:
             self.close()
@@ -250,22 +259,64 @@ class TensorRTBackend:
         self.buffers[key] = self.cuda.malloc(nbytes)
         return self.buffers[key]
 
+    def _shared_dtype(self, wanted: Any, what: str) -> np.dtype | None:
+        """The engine type of every tensor whose name `wanted` accepts (they pass through one buffer); None if none has one."""
+        found = {f"{g}.{n}": d for g, e in self.engines.items() for n, d in e.dtypes.items() if wanted(n)}
+        if len(set(found.values())) > 1:
+            listed = ", ".join(f"{name} {dtype.name}" for name, dtype in found.items())
+            raise BuildError(f"the engines pass {what} between them in different types ({listed}); rebuild them: "
+                             f"{rebuild_hint(self.build.directory, self.build.tensorrt_flavour)}")
+        return next(iter(found.values()), None)
+
+    def _check_capacities(self) -> None:
+        """Each segment's profile fixes its cache capacity; it must be the manifest's (`Build.capacities`)."""
+        capacities = self.build.capacities()
+        for graph, _, layers in self.segments:
+            for name, i in ((names.past(i, kind), i) for i in layers for kind in ("key", "value")):
+                low, high = self.engines[graph].profile(name)
+                if len(low) != 4 or low[2] != capacities[i] or high[2] != capacities[i]:
+                    raise BuildError(f"{graph}: the engine takes {name} of capacity {low[2:3]}..{high[2:3]}, but this build's "
+                                     f"max_seq_len gives layer {i} {capacities[i]}; rebuild the engines: "
+                                     f"{rebuild_hint(self.build.directory, self.build.tensorrt_flavour)}")
+
     def _allocate(self) -> None:
-        b, vision, prefill, decode = self.build, *(self.engines[g] for g in names.GRAPHS)
+        """Every buffer, once (module docstring)."""
+        b, vision, tokens = self.build, self.engines[names.VISION], self.build.max_seq_len
         for name in (names.PIXEL_VALUES, names.IMAGE_FEATURES, names.KEPT_POSITIONS):
             self._malloc(name, int(np.prod(vision.static_shape(name))) * vision.dtypes[name].itemsize)
-        self.features_shape = vision.static_shape(names.IMAGE_FEATURES)  # [crops, k, D]
-        for name in (names.INPUT_IDS_BEFORE, names.INPUT_IDS_AFTER):
-            self._malloc(name, b.max_seq_len * prefill.dtypes[name].itemsize)
-        self.ids_host = np.zeros((1, 1), decode.dtypes[names.INPUT_IDS])
-        self.position_host = np.zeros((1, 1), decode.dtypes[names.POSITION_IDS])
-        self._malloc(names.INPUT_IDS, self.ids_host.nbytes), self._malloc(names.POSITION_IDS, self.position_host.nbytes)
-        self.logits_host = np.zeros((1, b.vocab), decode.dtypes[names.LOGITS])  # [1, V]
+        self.features_shape = vision.static_shape(names.IMAGE_FEATURES)  # [n, D]
+        floats = (names.IMAGE_FEATURES, names.HIDDEN_STATES, names.ATTENDED)
+        self.float = self._shared_dtype(lambda n: n in floats, "hidden states")
+        ints = self._shared_dtype(lambda n: n in (names.POSITION_IDS, names.REDUCED_POSITION_IDS), "position ids")
+        for name in (names.HIDDEN_STATES, names.ATTENDED):
+            self._malloc(name, tokens * b.hidden * self.float.itemsize)
+        for name in (names.POSITION_IDS, names.REDUCED_POSITION_IDS):
+            self._malloc(name, tokens * ints.itemsize)
+        for name, count in ((names.ATTENTION, tokens * tokens), (names.INPUT_IDS_BEFORE, tokens), (names.KEPT, b.visual_tokens)):
+            dtype = self._shared_dtype(lambda n, name=name: n == name, name)
+            if dtype is not None:  # FiCoCo-L's tensors
+                self._malloc(name, count * dtype.itemsize)
+        self.past_lengths = {}  # per segment: its past_length, on the host and in a device buffer of its own
+        for graph, _, _ in self.segments:
+            self.past_lengths[graph] = np.zeros(1, self.engines[graph].dtypes[names.PAST_LENGTH])
+            self._malloc(f"{graph}.{names.PAST_LENGTH}", self.past_lengths[graph].nbytes)
+        self.logits_host = np.zeros((1, b.vocab), self.engines[self.segments[-1][0]].dtypes[names.LOGITS])  # [1, V]
         self._malloc(names.LOGITS, self.logits_host.nbytes)
-        self.cache_dtype = decode.dtypes[names.past(0, "key")]
-        self.capacity = b.kv_heads * b.max_seq_len * b.head_dim * self.cache_dtype.itemsize  # bytes per buffer
-        self.cache = [[self._malloc(f"{s}.{n}", self.capacity) for n in names.cache_names(names.present, b.layers)]
-                      for s in (0, 1)]
+        self._allocate_cache()
+
+    def _allocate_cache(self) -> None:
+        """Per layer a key and a value buffer at its capacity, zeroed once; the `present` scratch, in slices per segment."""
+        b, capacities = self.build, self.build.capacities()
+        self.cache_dtype = self._shared_dtype(lambda n: n.startswith(("past.", "present.")), "the KV cache")
+        self.row = b.head_dim * self.cache_dtype.itemsize  # bytes of one token's key (or value) in one head
+        buffers = {}
+        for kind in ("key", "value"):
+            buffers[kind] = [self._malloc(names.past(i, kind), b.kv_heads * capacities[i] * self.row) for i in range(b.layers)]
+            for i, pointer in enumerate(buffers[kind]):
+                self.cuda.memset(pointer, b.kv_heads * capacities[i] * self.row)
+        self.cache = KVCache(buffers["key"], buffers["value"], [0] * b.layers, capacities)
+        self.slice = {graph: _aligned(b.kv_heads * capacities[layers[0]] * self.row) for graph, _, layers in self.segments}
+        self._malloc("present", max(2 * len(layers) * self.slice[graph] for graph, _, layers in self.segments))
 
     def _run(self, graph: str) -> None:
         if not self.engines[graph].context.execute_async_v3(self.cuda.stream):
@@ -283,15 +334,28 @@ class TensorRTBackend:
             raise BackendError(f"{graph}: input {name} shape {list(shape)} is outside the engine's profile {low}..{high}")
         self._address(graph, name, pointer)
 
+    def _output(self, graph: str, name: str, expected: tuple[int, ...], pointer: int, free: tuple[int, ...] = ()) -> None:
+        """Point output `name` at `pointer`, once its shape is `expected`; dimensions in `free` may read -1
+        (data-dependent: known after the run; the buffer holds the largest)."""
+        shape = [int(d) for d in self.engines[graph].context.get_tensor_shape(name)]
+        fits = all(d == e or (d == -1 and k in free) for k, (d, e) in enumerate(zip(shape, expected)))
+        if len(shape) != len(expected) or not fits:
+            raise BackendError(f"{graph}: {name} has shape {shape}; the step expects {list(expected)}")
+        self._address(graph, name, pointer)
+
     def _host(self, graph: str, name: str, array: np.ndarray) -> np.ndarray:
         """A host array in the input's engine dtype (bf16 as bit patterns); keep it alive until sync."""
         dtype = self.engines[graph].dtypes[name]
         return to_bf16_bits(array) if dtype == np.uint16 else np.ascontiguousarray(array, dtype=dtype)
 
-    def _upload(self, graph: str, name: str, host: np.ndarray) -> None:
-        """Copy `host` into the input's buffer and set the input's shape and address."""
-        self.cuda.upload(self.buffers[name], host)
-        self._set_input(graph, name, host.shape, self.buffers[name])
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows [q, D] as float32 (the table may hold bf16 bit patterns)."""
+        rows = self.embedding(ids)
+        return from_bf16_bits(rows) if rows.dtype == np.uint16 else rows
+
+    def _put(self, pointer: int, host: np.ndarray) -> None:
+        if host.nbytes:
+            self.cuda.upload(pointer, host)
 
     def _logits(self) -> np.ndarray:
         """Download logits [1, V] after the run and synchronize; returns [V] as float32."""
@@ -301,9 +365,10 @@ class TensorRTBackend:
         return from_bf16_bits(row) if row.dtype == np.uint16 else row.astype(np.float32, copy=False)
 
     def vision(self, pixel_values: np.ndarray) -> int:
-        """pixel_values [crops, 3, S, S] -> device pointer of image_features [crops, k, D]."""
+        """pixel_values [crops, 3, S, S] -> device pointer of image_features [n, D]."""
         pixels = self._host(names.VISION, names.PIXEL_VALUES, pixel_values)
-        self._upload(names.VISION, names.PIXEL_VALUES, pixels)
+        self.cuda.upload(self.buffers[names.PIXEL_VALUES], pixels)
+        self._set_input(names.VISION, names.PIXEL_VALUES, pixels.shape, self.buffers[names.PIXEL_VALUES])
         for name in (names.IMAGE_FEATURES, names.KEPT_POSITIONS):
             self._address(names.VISION, name, self.buffers[name])
         self._run(names.VISION)
@@ -311,7 +376,7 @@ class TensorRTBackend:
         return self.buffers[names.IMAGE_FEATURES]
 
     def vision_outputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of the last `vision` call's image_features [crops, k, D] (float32) and kept_positions [crops, k]."""
+        """Host copies of the last `vision` call's image_features [n, D] (float32) and kept_positions [crops, k]."""
         engine = self.engines[names.VISION]
         out = [np.empty(engine.static_shape(n), engine.dtypes[n]) for n in (names.IMAGE_FEATURES, names.KEPT_POSITIONS)]
         for host, name in zip(out, (names.IMAGE_FEATURES, names.KEPT_POSITIONS)):
@@ -320,56 +385,119 @@ class TensorRTBackend:
         features = from_bf16_bits(out[0]) if out[0].dtype == np.uint16 else out[0].astype(np.float32)
         return features, out[1]
 
-    def _bind_outputs(self, graph: str, target: int) -> tuple[int, ...]:
-        """Point logits and present.{i}.* at cache set `target`; returns each layer's output length."""
-        context, lengths = self.engines[graph].context, []
-        self._address(graph, names.LOGITS, self.buffers[names.LOGITS])
-        for index, name in enumerate(names.cache_names(names.present, self.build.layers)):
-            shape = tuple(int(d) for d in context.get_tensor_shape(name))  # [1, Hkv, len_i, Dh]
-            nbytes = int(np.prod(shape)) * self.cache_dtype.itemsize
-            if len(shape) != 4 or min(shape) < 1 or nbytes > self.capacity:
-                raise BackendError(f"{graph}: {name} has shape {list(shape)}; the cache holds {self.build.max_seq_len} tokens")
-            self._address(graph, name, self.cache[target][index])
-            lengths.append(shape[2])
-        return tuple(lengths[0::2])
+    def _scratch(self, graph: str, index: int) -> int:
+        """Where segment `graph` writes its index-th present output (2 * slot + 0 key, + 1 value)."""
+        return self.buffers["present"] + index * self.slice[graph]
 
-    def prefill(self, before: np.ndarray, features: int, after: np.ndarray) -> tuple[np.ndarray, TrtCache]:
-        """ids before [1, Tb], features (device) [crops, k, D], ids after [1, Ta] -> (logits [V], cache in set 0)."""
-        graph = names.PREFILL
-        hosts = [self._host(graph, name, ids) for name, ids in ((names.INPUT_IDS_BEFORE, before), (names.INPUT_IDS_AFTER, after))]
-        if max(h.shape[1] for h in hosts) > self.build.max_seq_len:
-            raise BackendError(f"prefill: text of {[h.shape[1] for h in hosts]} tokens exceeds max_seq_len {self.build.max_seq_len}")
-        self._upload(graph, names.INPUT_IDS_BEFORE, hosts[0])
-        self._upload(graph, names.INPUT_IDS_AFTER, hosts[1])
-        self._set_input(graph, names.IMAGE_FEATURES, self.features_shape, features)
-        lengths = self._bind_outputs(graph, 0)
+    def _segment(self, graph: str, last: bool, layers: range, q: int, io: tuple[int, int, int], past_length: int) -> None:
+        """Queue decoder segment `graph` on q tokens, io = (hidden_states, position_ids, attended) pointers, with its
+        layers' whole buffers as the past; then its new rows into the buffers (`_write_rows`)."""
+        b, cache, (hidden, positions, attended) = self.build, self.cache, io
+        self._set_input(graph, names.HIDDEN_STATES, (1, q, b.hidden), hidden)
+        self._set_input(graph, names.POSITION_IDS, (1, q), positions)
+        self.past_lengths[graph][0] = past_length  # the last step synchronized: the host array is free
+        self.cuda.upload(self.buffers[f"{graph}.{names.PAST_LENGTH}"], self.past_lengths[graph])
+        self._set_input(graph, names.PAST_LENGTH, (1,), self.buffers[f"{graph}.{names.PAST_LENGTH}"])
+        for slot, i in enumerate(layers):
+            for k, (kind, buffers) in enumerate((("key", cache.keys), ("value", cache.values))):
+                self._set_input(graph, names.past(i, kind), (1, b.kv_heads, cache.capacities[i], b.head_dim), buffers[i])
+                self._output(graph, names.present(i, kind), (1, b.kv_heads, q, b.head_dim), self._scratch(graph, 2 * slot + k))
+        if last:
+            self._output(graph, names.LOGITS, (1, b.vocab), self.buffers[names.LOGITS])
+        else:
+            self._output(graph, names.ATTENDED, (1, q, b.hidden), attended)
+            self._output(graph, names.ATTENTION, (1, q, q), self.buffers[names.ATTENTION])
         self._run(graph)
-        return self._logits(), TrtCache(0, lengths)  # _logits synchronizes: `hosts` were alive until then
+        self._write_rows(graph, layers, q)
 
-    def decode(self, token: int, position: int, cache: TrtCache) -> tuple[np.ndarray, TrtCache]:
-        """One token at `position` over cache set s (len_i) -> (logits [V], cache in set 1 - s, len_i + 1)."""
-        graph, b = names.DECODE, self.build
-        self.ids_host[0, 0], self.position_host[0, 0] = token, position  # the last step synchronized: free to write
-        self._upload(graph, names.INPUT_IDS, self.ids_host)
-        self._upload(graph, names.POSITION_IDS, self.position_host)
-        for index, name in enumerate(names.cache_names(names.past, b.layers)):
-            shape = (1, b.kv_heads, cache.lengths[index // 2], b.head_dim)
-            self._set_input(graph, name, shape, self.cache[cache.index][index])
-        lengths = self._bind_outputs(graph, 1 - cache.index)
+    def _write_rows(self, graph: str, layers: range, q: int) -> None:
+        """Each layer's q new rows (scratch [1, Hkv, q, Dh]) into its buffers at rows len_i ..; len_i += q."""
+        cache, width = self.cache, q * self.row
+        for slot, i in enumerate(layers):
+            for k, buffers in enumerate((cache.keys, cache.values)):
+                self.cuda.copy2d(buffers[i] + cache.lengths[i] * self.row, cache.capacities[i] * self.row,
+                                 self._scratch(graph, 2 * slot + k), width, width, self.build.kv_heads)
+            cache.lengths[i] += q
+
+    def _reduce(self, graph: str, q: int, before: int, positions: tuple[int, int]) -> int:
+        """Queue reduce `graph` on q tokens (attended, attention, position ids at positions[0]) into hidden_states and
+        positions[1]; returns the tokens left."""
+        b = self.build
+        _, tokens_in, tokens_out = b.language_steps[int(graph.split(".")[1]) - 1]
+        left = q - (tokens_in - tokens_out)
+        self._set_input(graph, names.ATTENDED, (1, q, b.hidden), self.buffers[names.ATTENDED])
+        self._set_input(graph, names.ATTENTION, (1, q, q), self.buffers[names.ATTENTION])
+        self._set_input(graph, names.POSITION_IDS, (1, q), positions[0])
+        self._set_input(graph, names.INPUT_IDS_BEFORE, (1, before), self.buffers[names.INPUT_IDS_BEFORE])
+        self._output(graph, names.HIDDEN_STATES, (1, left, b.hidden), self.buffers[names.HIDDEN_STATES], free=(1,))
+        self._output(graph, names.REDUCED_POSITION_IDS, (1, left), positions[1], free=(1,))
+        self._output(graph, names.KEPT, (1, tokens_out), self.buffers[names.KEPT], free=(1,))
         self._run(graph)
-        return self._logits(), TrtCache(1 - cache.index, lengths)
+        return left
 
-    def cache_lengths(self, cache: TrtCache) -> tuple[int, ...]:
-        return cache.lengths
+    def _prompt(self, before: np.ndarray, features: int, after: np.ndarray) -> list[np.ndarray]:
+        """Queue hidden_states [1, P, D] (text rows uploaded around the image features, copied device to device),
+        position ids 0 .. P-1 and, with FiCoCo-L, input_ids_before; returns the host arrays the stream reads."""
+        graph, row, n = names.decoder(0), self.build.hidden * self.float.itemsize, self.features_shape[0]
+        text = [self._host(graph, names.HIDDEN_STATES, self._embed(ids)) for ids in (before, after)]
+        hidden = self.buffers[names.HIDDEN_STATES]
+        self._put(hidden, text[0])
+        self.cuda.copy(hidden + len(text[0]) * row, features, n * row)
+        self._put(hidden + (len(text[0]) + n) * row, text[1])
+        hosts = [*text, self._host(graph, names.POSITION_IDS, np.arange(len(text[0]) + n + len(text[1]))[None])]
+        self.cuda.upload(self.buffers[names.POSITION_IDS], hosts[-1])
+        if names.INPUT_IDS_BEFORE in self.buffers:
+            hosts.append(self._host(names.reduce(1), names.INPUT_IDS_BEFORE, before))
+            self.cuda.upload(self.buffers[names.INPUT_IDS_BEFORE], hosts[-1])
+        return hosts
 
-    def empty_cache(self, lengths: tuple[int, ...]) -> TrtCache:
-        """Set 0 zeroed (device memory is not zero when allocated), layer i of length lengths[i] (to time decode steps)."""
-        if len(lengths) != self.build.layers or max(lengths) >= self.build.max_seq_len:
-            raise ValueError(f"need {self.build.layers} cache lengths below {self.build.max_seq_len}, got {lengths}")
-        for pointer in self.cache[0]:
-            self.cuda.memset(pointer, self.capacity)
-        self.cuda.sync()
-        return TrtCache(0, tuple(lengths))
+    def prefill(self, before: np.ndarray, features: int, after: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        """ids before [1, Tb], features (device pointer of image_features [n, D]), ids after [1, Ta] ->
+        (logits [V], the cache filled with the prompt)."""
+        before = np.ascontiguousarray(before, dtype=np.int64)
+        q = before.shape[1] + self.features_shape[0] + after.shape[1]  # P
+        self.cache.lengths[:] = [0] * self.build.layers
+        self.cache.check_room(range(1), q)  # layer 0 holds the whole prompt
+        self.alive = self._prompt(before, features, after)  # host arrays the stream reads: alive until the sync
+        positions = (self.buffers[names.POSITION_IDS], self.buffers[names.REDUCED_POSITION_IDS])
+        for graph, reduce, layers in self.segments:
+            self._segment(graph, reduce is None, layers, q, (self.buffers[names.HIDDEN_STATES], positions[0],
+                                                            self.buffers[names.ATTENDED]), past_length=0)
+            if reduce is None:
+                return self._logits(), self.cache
+            q, positions = self._reduce(reduce, q, before.shape[1], positions), positions[::-1]
+        raise AssertionError("the last segment returns the logits")
+
+    def decode(self, token: int, position: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """One token at `position` -> (logits [V], the same cache, one row longer in every layer)."""
+        if cache is not self.cache:
+            raise ValueError("decode takes the cache this backend's prefill or empty_cache returned")
+        cache.check_room(range(self.build.layers), 1)
+        graph = names.decoder(0)
+        hidden = self._host(graph, names.HIDDEN_STATES, self._embed(np.array([token]))[None])  # [1, 1, D]
+        position_ids = self._host(graph, names.POSITION_IDS, np.array([[position]]))
+        self.cuda.upload(self.buffers[names.HIDDEN_STATES], hidden)
+        self.cuda.upload(self.buffers[names.POSITION_IDS], position_ids)
+        self.alive = [hidden, position_ids]  # until the sync
+        pointers = (self.buffers[names.HIDDEN_STATES], self.buffers[names.ATTENDED])
+        for graph, reduce, layers in self.segments:  # no reductions: attended is the next segment's hidden_states
+            self._segment(graph, reduce is None, layers, 1, (pointers[0], self.buffers[names.POSITION_IDS], pointers[1]),
+                          cache.lengths[layers[0]])
+            pointers = pointers[::-1]
+        return self._logits(), cache
+
+    def cache_lengths(self, cache: KVCache) -> tuple[int, ...]:
+        """len_i of every layer."""
+        return tuple(cache.lengths)
+
+    def empty_cache(self, lengths: tuple[int, ...]) -> KVCache:
+        """The cache with layer i holding lengths[i] rows (contents as they are, zero until written): to time decode steps."""
+        if len(lengths) != self.build.layers:
+            raise ValueError(f"need {self.build.layers} cache lengths, got {len(lengths)}")
+        lengths = [int(n) for n in lengths]
+        KVCache(self.cache.keys, self.cache.values, lengths, self.cache.capacities).check_room(range(len(lengths)), 1)
+        self.cache.lengths[:] = lengths
+        return self.cache
 
     def close(self) -> None:
         """Synchronize, save the RTX runtime caches, drop contexts and engines, free every buffer, destroy the stream."""
@@ -383,5 +511,6 @@ class TensorRTBackend:
         for pointer in self.buffers.values():
             self.cuda.free(pointer)
         self.buffers.clear()
+        self.cache = None
         self.cuda.close()
         self.cuda = None

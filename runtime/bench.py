@@ -4,10 +4,13 @@
     pipe = Pipeline.from_build("builds/NAME")
     bench.decode_step_ms(pipe, (300, 1024, 2047))   # {cache length: median ms of one decode step}
 
-A decode step's cost grows with the cache: the decode graph reads every layer's past and returns
-past + new as a fresh tensor (see runtime/backend_ort.py). The caches are zero-filled tensors of the
-requested lengths, shaped as after a prefill of that length: layers after a FiCoCo-L step are
-shorter by what the step removed (`Build.cache_lengths`).
+The KV cache is one buffer per layer, allocated once at its capacity; a decode step reads each
+buffer in place (rows from the filled length on are masked out) and writes the new token's row
+(runtime/backend_ort.py). So a step should cost about the same at every length. Before each timed
+step the cache is set back to the requested lengths with `backend.empty_cache` (it only sets the
+lengths: a step advances them by one), shaped as after a prefill of that length: layers after a
+FiCoCo-L step are shorter by what the step removed (`Build.cache_lengths`). The rows hold whatever
+the buffers hold (zeros, or an earlier sequence's values): the cost does not depend on them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def decode_step_ms(pipeline: Any, lengths: Iterable[int], repeats: int = 20, war
     """{L: median milliseconds of one decode step with layer 0's cache at length L} (one step per repeat).
 
     L counts positions in the original numbering (layer 0's cache, P + tokens generated so far);
-    each must leave room for one more token below the build's max_seq_len.
+    each must leave room for one more token below the build's max_seq_len. Every step, warm-up
+    included, starts from the cache at exactly L (the reset is not timed).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -31,11 +35,11 @@ def decode_step_ms(pipeline: Any, lengths: Iterable[int], repeats: int = 20, war
     for length in lengths:
         if not removed < length < build.max_seq_len:
             raise ValueError(f"cache length {length} must be in ({removed}, {build.max_seq_len}) for this build")
-        cache = backend.empty_cache(build.cache_lengths(length))
-        times = []
+        per_layer, times = build.cache_lengths(length), []
         for index in range(warmup + repeats):
+            cache = backend.empty_cache(per_layer)  # back to L rows: the previous step advanced them by one
             start = time.perf_counter()
-            backend.decode(1, length, cache)  # same input cache each time: one step at this length
+            backend.decode(1, length, cache)
             if index >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
         out[int(length)] = statistics.median(times)

@@ -1,8 +1,11 @@
 """Device memory, copies and a stream for the TensorRT backend: cuda-python's runtime API, or torch.
 
 Both are imported only when the TensorRT backend is created. Pointers are plain ints (what
-`IExecutionContext.set_tensor_address` takes); a stream is its int handle (what
-`execute_async_v3` takes). Host arrays must be C-contiguous and stay alive until `sync`. `close`
+`IExecutionContext.set_tensor_address` takes), and may point inside an allocation (pointer
+arithmetic); a stream is its int handle (what `execute_async_v3` takes). Every copy is queued on
+the stream: host to device (`upload`), device to host (`download`), device to device (`copy`, and
+`copy2d`: `height` rows of `width` bytes between two pitched layouts, e.g. the new K/V rows of every
+head into a cache buffer). Host arrays must be C-contiguous and stay alive until `sync`. `close`
 synchronizes and destroys the stream; the caller frees its buffers first.
 
 cuda-python must match the driver's CUDA major: cuda-python 13.x needs a CUDA 13 driver (Jetson Thor,
@@ -38,6 +41,10 @@ class Cuda(Protocol):
 
     def download(self, host: np.ndarray, pointer: int) -> None: ...
 
+    def copy(self, dst: int, src: int, nbytes: int) -> None: ...
+
+    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int) -> None: ...
+
     def sync(self) -> None: ...
 
     def close(self) -> None: ...
@@ -69,7 +76,7 @@ def driver_mismatch(bindings: str | None, found: Driver | None) -> str | None:
 
 
 class CudaPython:
-    """cuda-python: cudaMalloc / cudaMemcpyAsync / cudaMemsetAsync on one stream of its own."""
+    """cuda-python: cudaMalloc / cudaMemcpyAsync / cudaMemcpy2DAsync / cudaMemsetAsync on one stream of its own."""
 
     def __init__(self, cudart: Any = None, found: Driver | None = None, bindings: str | None = None) -> None:
         found = found if found is not None else driver()
@@ -120,6 +127,15 @@ class CudaPython:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._check(self.rt.cudaMemcpyAsync(host.ctypes.data, pointer, host.nbytes, kind, self._stream), "cudaMemcpyAsync D2H")
 
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self._check(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, self._stream), "cudaMemcpyAsync D2D")
+
+    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self._check(self.rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, kind, self._stream),
+                    "cudaMemcpy2DAsync D2D")
+
     def sync(self) -> None:
         self._check(self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
@@ -132,7 +148,8 @@ class CudaPython:
 
 
 class TorchCuda:
-    """torch as the allocator: one uint8 tensor per block, copies on a torch stream."""
+    """torch as the allocator: one uint8 tensor per block (keyed by its base pointer), copies on a torch stream
+    through tensor views of the blocks (a pointer inside a block is served by the block that contains it)."""
 
     def __init__(self) -> None:
         import torch
@@ -154,20 +171,39 @@ class TorchCuda:
     def free(self, pointer: int) -> None:
         self.blocks.pop(pointer, None)
 
+    def _view(self, pointer: int, nbytes: int, pitch: int | None = None, height: int = 1) -> Any:
+        """The block bytes at `pointer`: [nbytes], or [height, nbytes] rows `pitch` bytes apart; BackendError outside a block."""
+        extent = nbytes if pitch is None else (height - 1) * pitch + nbytes
+        for start, block in self.blocks.items():
+            if start <= pointer and pointer + extent <= start + block.numel():
+                offset = pointer - start
+                if pitch is None:
+                    return block[offset:offset + nbytes]
+                return block.as_strided((height, nbytes), (pitch, 1), block.storage_offset() + offset)
+        raise BackendError(f"{extent} bytes at {pointer:#x} are not inside one allocation of this backend")
+
     def _bytes(self, host: np.ndarray) -> Any:
         return self.torch.from_numpy(host.reshape(-1).view(np.uint8))
 
     def memset(self, pointer: int, nbytes: int) -> None:
         with self.torch.cuda.stream(self._stream):
-            self.blocks[pointer][:nbytes].zero_()
+            self._view(pointer, nbytes).zero_()
 
     def upload(self, pointer: int, host: np.ndarray) -> None:
         with self.torch.cuda.stream(self._stream):
-            self.blocks[pointer][: host.nbytes].copy_(self._bytes(host))
+            self._view(pointer, host.nbytes).copy_(self._bytes(host))
 
     def download(self, host: np.ndarray, pointer: int) -> None:
         with self.torch.cuda.stream(self._stream):
-            self._bytes(host).copy_(self.blocks[pointer][: host.nbytes])
+            self._bytes(host).copy_(self._view(pointer, host.nbytes))
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        with self.torch.cuda.stream(self._stream):
+            self._view(dst, nbytes).copy_(self._view(src, nbytes))
+
+    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int) -> None:
+        with self.torch.cuda.stream(self._stream):
+            self._view(dst, width, dst_pitch, height).copy_(self._view(src, width, src_pitch, height))
 
     def sync(self) -> None:
         self._stream.synchronize()

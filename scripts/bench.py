@@ -3,22 +3,33 @@
     python scripts/bench.py --out-dir docs/bench         # the full run (real widths; see MODES)
     python scripts/bench.py --quick --out-dir /tmp/bench  # under 5 minutes on 2 cores
     python scripts/bench.py --smoke --build BUILD_DIR     # seconds-scale settings (the tests)
+    python scripts/bench.py --sections decode --out-dir docs/bench   # one section, merged into bench.json
 
 Every figure comes from this one run: the median of --repeats timings after --warmup untimed runs,
 set against the unreduced build of the same model (random weights; `scripts/bench_models.py`).
 
 1. vision: vision.onnx (export.graphs) of a CLIP ViT-L/14-336-width LLaVA under FiCoCo-V at each
    ratio, timed round by round on ONNX Runtime; speedup over ratio 1.0 vs `ficoco.flops.vision_flops`.
-2. prefill: prefill.onnx of a Vicuna-7B-width decoder cut to 6 layers (FiCoCo-L acts at layer 4),
-   60 text tokens, unreduced / FiCoCo-V (k visual tokens) / FiCoCo-L; vs `ficoco.flops.prefill_flops`.
+2. prefill: the LLM graphs of the build layout (`runtime.names`: decoder.0, and with FiCoCo-L
+   reduce.1 and decoder.1) of a Vicuna-7B-width decoder cut to 6 layers (FiCoCo-L acts at layer 4),
+   exported as export.build does and chained as the runtime's prefill runs them (empty past
+   buffers, the new K/V copied into the cache buffers; `bench_models.PrefillChain`); 60 text tokens,
+   unreduced / FiCoCo-V (k visual tokens) / FiCoCo-L; vs `ficoco.flops.prefill_flops`.
 3. decode: one step at several cache lengths: `runtime.bench.decode_step_ms` on a `runtime.Pipeline`
-   over an `export.build` build, and one Hugging Face forward over a DynamicCache of that length.
+   over an `export.build` build (the KV cache in place: each step starts at exactly that length),
+   and one Hugging Face forward over a DynamicCache of that length; next to the figures from before
+   the in-place cache (`bench_report.BEFORE`, full mode), the step(longest)/step(shortest) ratio
+   and the runtime's KV cache memory (one copy; two before).
 4. FiCoCo's own operations in PyTorch on CPU: every `ficoco.core.vision_step` of the schedule at the
    smallest ratio on inputs of its shapes (x [1, N, C], softmax-row attention [1, N, N], sorted grid
    positions) vs the CLIP layer holding the first step (`ficoco.patch.clip.reducing_layer`) and the
    FiCoCo-V encoder (`ficoco.patch.clip.encode`).
 5. chat: time to first token and decode tokens/s, Hugging Face transformers (PyTorch eager mode, its
    default attention) vs the runtime on ONNX Runtime, same model, image, prompt and greedy tokens.
+
+`--sections NAME ...` (vision, ops, prefill, decode, chat) runs only those: their figures replace
+the same sections of an existing --out-dir/bench.json (of the same mode), the others are kept, and
+bench.md is written from the merged results (bench.png when vision and prefill are both there).
 
 ONNX Runtime: CPU provider, ORT_ENABLE_ALL, intra_op_num_threads = --threads (default: the usable
 cores); torch uses as many threads. Writes bench.md, bench.json (rewritten after each section),
@@ -48,9 +59,11 @@ import torch
 
 from ficoco import flops as F
 from scripts import bench_models as M
+from scripts import bench_report as R
 
 TEXT_BEFORE, TEXT_AFTER = 5, 55  # the prefill's ~60 text tokens (ficoco.flops.TEXT_TOKENS)
 INSTRUCTION = "Describe the image."
+SECTIONS = {"vision": "vision", "ops": "ficoco_ops", "prefill": "prefill", "decode": "decode", "chat": "chat"}  # name: bench.json key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +108,8 @@ def bench_vision(mode: Mode, args, work: Path, model, log) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         with M.quiet(log):
             schedules[ratio] = M.export_vision(model, ratio, path)
-        specs[ratio] = (path, {"pixel_values": pixels})
-    times, together = M.time_graphs(specs, args.threads, args.repeats, args.warmup)
+        specs[ratio] = (path.parent, partial(M.OrtGraph, path, args.threads, {"pixel_values": pixels}))
+    times, together = M.time_graphs(specs, args.repeats, args.warmup)
     vision = F.vision_of(model.config.vision_config.to_dict())
     full = F.vision_flops(vision, 1, geometry.patches, {}, geometry.feature_layer)
     rows = []
@@ -150,19 +163,21 @@ def bench_ops(mode: Mode, args, model) -> dict:
 def bench_prefill(mode: Mode, args, work: Path, log) -> dict:
     model = M.random_llava(M.TINY_CLIP, mode.text)
     settings = [("none", 1.0)] + [(v, r) for r in mode.prefill_ratios for v in ("v", "l")]
+    table = model.get_input_embeddings().weight.detach()
     info, specs = {}, {}
-    for variant, ratio in settings:
-        path = work / f"prefill-{variant}-r{ratio:g}" / "prefill.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for key in settings:
+        directory = work / f"prefill-{key[0]}-r{key[1]:g}"
+        directory.mkdir(parents=True, exist_ok=True)
         with M.quiet(log):
-            info[variant, ratio] = M.export_prefill(model, "v" if variant == "none" else variant, ratio, path,
-                                                    TEXT_BEFORE, TEXT_AFTER)
-        before, features, after = M.prefill_inputs(model, info[variant, ratio]["visual_tokens"], TEXT_BEFORE, TEXT_AFTER)
-        specs[variant, ratio] = (path, {"input_ids_before": before, "image_features": features, "input_ids_after": after})
+            info[key] = M.export_prefill(model, *key, directory, TEXT_BEFORE, TEXT_AFTER)
+        before, features, after = M.prefill_inputs(model, info[key]["visual_tokens"], TEXT_BEFORE, TEXT_AFTER)
+        inputs = {"rows_before": table[before[0]].numpy(), "features": features.numpy(), "rows_after": table[after[0]].numpy(),
+                  "before": before.numpy()}  # the text rows as the runtime looks them up (untimed)
+        specs[key] = (directory, partial(M.PrefillChain, directory, info[key], inputs, args.threads))
     described, text = M.describe_model(model), F.text_of(model.config.text_config.to_dict())
-    del model
+    del model, table
     gc.collect()
-    times, together = M.time_graphs(specs, args.threads, args.repeats, args.warmup)
+    times, together = M.time_graphs(specs, args.repeats, args.warmup)
     tokens, full_key = TEXT_BEFORE + TEXT_AFTER, settings[0]
     rows = []
     for key in settings:
@@ -171,8 +186,11 @@ def bench_prefill(mode: Mode, args, work: Path, log) -> dict:
         speedup = times[full_key]["ms"] / times[key]["ms"]
         rows.append({"variant": key[0], "ratio": key[1], **info[key], **times[key], "speedup": speedup, "tflops": flops / 1e12,
                      "flops_ratio": flops / full, "flops_speedup": full / flops, "efficiency": speedup * flops / full})
-    return {"model": {**described, "vision": "tiny CLIP (not timed: the prefill graph takes image features)"},
-            "text_tokens": tokens, "interleaved": together, "rows": rows}
+    how = ("Timed: the runtime's prefill over the chain (bench_models.PrefillChain, as runtime/backend_ort.py): the prompt's "
+           "embeddings through decoder.0 with empty past buffers, its K/V copied into the cache buffers, then reduce.1 and "
+           "decoder.1 (FiCoCo-L); the text rows' lookup is not timed.")
+    return {"model": {**described, "vision": "tiny CLIP (not timed: the prefill takes image features)"},
+            "text_tokens": tokens, "interleaved": together, "how": how, "rows": rows}
 
 
 # --------------------------------------------------------------------------- 3. decode, 5. chat
@@ -188,148 +206,76 @@ def ficoco_config(manifest: dict):
     return config, f"FiCoCo-{config.variant.upper()} {amount}"
 
 
-def bench_chat(mode: Mode, args, work: Path, log) -> tuple[dict, dict]:
+@dataclasses.dataclass
+class ChatModel:
+    """What sections 3 and 5 share: the builds, their manifests, and the same model loaded for Hugging Face."""
+
+    builds: dict
+    manifests: dict
+    model: object
+    processor: object
+
+    @classmethod
+    def make(cls, mode: Mode, args, work: Path, log, baseline: bool) -> ChatModel:
+        from ficoco.presets import load
+        from runtime.manifest import read
+
+        from export.reload import source_dir
+
+        builds, source = M.chat_builds(mode, args, work, log, baseline)
+        manifests = {key: read(build) for key, build in builds.items()}
+        with M.quiet(log):
+            model, processor = load(source or source_dir(manifests["ficoco"]))
+        return cls(builds, manifests, model, processor)
+
+
+def bench_chat(mode: Mode, args, chat: ChatModel) -> dict:
     from ficoco import apply, remove
-    from ficoco.presets import load
-    from runtime import bench as runtime_bench
-    from runtime.manifest import read
 
-    from export.reload import source_dir
-
-    builds, source = M.chat_builds(mode, args, work, log)
-    manifests = {key: read(build) for key, build in builds.items()}
-    config, label = ficoco_config(manifests["ficoco"])
-    with M.quiet(log):
-        model, processor = load(source or source_dir(manifests["ficoco"]))
+    config, label = ficoco_config(chat.manifests["ficoco"])
+    model, builds = chat.model, chat.builds
     image, reps, warm, n = M.test_image(), args.repeats, args.warmup, mode.new_tokens
-    hf = partial(M.hf_run, model, processor, image, INSTRUCTION, n)
+    hf = partial(M.hf_run, model, chat.processor, image, INSTRUCTION, n)
     rows = [{"system": "Hugging Face eager (PyTorch)", "setting": "unreduced", **M.repeat_runs(hf, reps, warm)}]
     apply(model, config)
     rows.append({"system": "Hugging Face eager (PyTorch)", "setting": label, **M.repeat_runs(hf, reps, warm)})
     remove(model)
-    # a build holds caches shorter than its max_seq_len: time only the lengths it admits
-    lengths = [length for length in mode.lengths if length < manifests["ficoco"]["max_seq_len"]]
-    decode = {}
     for key in [k for k in ("none", "ficoco") if k in builds]:
         with M.open_pipeline(builds[key], args.threads) as pipe:
             rows.append({"system": "runtime (ONNX Runtime)", "setting": "unreduced" if key == "none" else label,
                          **M.repeat_runs(partial(M.runtime_run, pipe, image, INSTRUCTION, n), reps, warm)})
-            if key == "ficoco":
-                decode["runtime"] = runtime_bench.decode_step_ms(pipe, lengths, repeats=max(reps, 5), warmup=warm)
-    decode["hf"] = M.hf_decode_step_ms(model, lengths, max(reps, 5), warm)
     hf_tokens = {r["setting"]: r["token_ids"] for r in rows if r["system"].startswith("Hugging")}
     for row in rows:
         row["same_tokens_as_hf"] = row.pop("token_ids") == hf_tokens[row["setting"]]
+    manifests = chat.manifests
     described = {"source": manifests["ficoco"]["source"]["model"], "kind": "given build" if args.build else mode.chat,
                  "builds": {k: str(v) for k, v in builds.items()}, "parity_passed": {k: m["parity"]["passed"] for k, m in manifests.items()},
                  "visual_tokens": manifests["ficoco"]["schedule"]["visual_tokens"], "new_tokens": n, "instruction": INSTRUCTION,
                  **M.describe_model(model)}
-    steps = [{"cache_length": L, "runtime_ms": decode["runtime"][L], "hf_ms": decode["hf"][L]} for L in lengths]
-    return ({"model": described, "rows": rows},
-            {"build": str(builds["ficoco"]), "decode_graph": "the FiCoCo build's decode.onnx (FiCoCo-V leaves the decoder unchanged)",
-             "rows": steps})
+    return {"model": described, "rows": rows}
 
 
-# --------------------------------------------------------------------------- report
+def bench_decode(mode: Mode, args, chat: ChatModel) -> dict:
+    """One decode step at each cache length (the runtime on the FiCoCo build, and Hugging Face), with the
+    runtime's KV cache memory: one copy, allocated once; before the in-place cache, two (`bench_report.BEFORE`)."""
+    from runtime import bench as runtime_bench
 
-
-def targets(results: dict) -> list[dict]:
-    """The issue's targets, PASS/FAIL on this run's figures (reported, never asserted)."""
-    v, ops, chat = results["vision"]["rows"][-1], results["ficoco_ops"], results["chat"]["rows"]
-    pairs = [(hf, rt) for rt in chat if rt["system"].startswith("runtime") for hf in chat
-             if hf["system"].startswith("Hugging") and hf["setting"] == rt["setting"]]
-    decode = [(hf.get("decode_tokens_per_s", 0), rt.get("decode_tokens_per_s", 0), rt["setting"]) for hf, rt in pairs]
-    return [
-        {"target": f"vision speedup at ratio {v['ratio']:g} >= 80% of the FLOPs speedup", "passed": v["efficiency"] >= 0.8,
-         "measured": f"{v['speedup']:.2f}x measured vs {v['flops_speedup']:.2f}x FLOPs ({v['efficiency']:.0%})"},
-        {"target": "FiCoCo operations <= 3% of the vision encoder's time", "passed": ops["share_of_encoder"] <= 0.03,
-         "measured": f"{ops['share_of_encoder']:.2%} ({ops['steps_ms']:.1f} of {ops['encoder']['ms']:.0f} ms)"},
-        {"target": "runtime decode faster than Hugging Face eager", "passed": all(rt > hf for hf, rt, _ in decode),
-         "measured": "; ".join(f"{name}: {rt:.1f} vs {hf:.1f} tokens/s" for hf, rt, name in decode)},
-    ]
-
-
-def table(headers: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows] + [""]
-
-
-def widths(model: dict) -> str:
-    v, t = model["vision"], model["text"]
-    vision = v if isinstance(v, str) else f"CLIP {v['hidden_size']}/{v['intermediate_size']}, {v['num_hidden_layers']} layers, {v['num_attention_heads']} heads"
-    return f"{vision}; Llama {t['hidden_size']}/{t['intermediate_size']}, {t['num_hidden_layers']} layers, {t['num_attention_heads']} heads, vocabulary {t['vocab_size']}"
-
-
-def markdown(r: dict) -> str:
-    s, m, v, p, o, c, d = (r[k] for k in ("settings", "machine", "vision", "prefill", "ficoco_ops", "chat", "decode"))
-    out = [f"# FiCoCo on CPU: latency vs FLOPs and vs Hugging Face ({s['name']} mode)", "",
-           f"Mode **{s['name']}** ({s['note']}). {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; torch {m['torch']}, "
-           f"onnxruntime {m['onnxruntime']}, transformers {m['transformers']}; {m['date']}; load average {m['load_average_start'][0]:.1f} "
-           f"at the start, {m['load_average_end'][0]:.1f} at the end; {r['duration_s'] / 60:.1f} min. Each time is the median of "
-           f"{s['repeats']} runs after {s['warmup']} warm-up run(s). ONNX Runtime: CPU provider, ORT_ENABLE_ALL, "
-           f"intra_op_num_threads={s['threads']}; torch threads {s['threads']}. Random weights (timing only).", "",
-           "## 1. Vision encoder (vision.onnx, FiCoCo-V)", "", f"Model: {widths(v['model'])}.", ""]
-    out += table(["ratio", "patches kept", "ms", "speedup", "GFLOPs", "FLOPs speedup", "measured / FLOPs"],
-                 [[f"{x['ratio']:g}", x["kept_per_crop"], f"{x['ms']:.0f}", f"{x['speedup']:.2f}x", f"{x['gflops']:.0f}",
-                   f"{x['flops_speedup']:.2f}x", f"{x['efficiency']:.0%}"] for x in v["rows"]])
-    out += ["## 2. LLM prefill (prefill.onnx)", "", f"Model: {widths(p['model'])}; {p['text_tokens']} text tokens.", ""]
-    out += table(["variant", "ratio", "visual tokens (after FiCoCo-L)", "ms", "speedup", "TFLOPs", "FLOPs speedup", "measured / FLOPs"],
-                 [[x["variant"], f"{x['ratio']:g}", f"{x['visual_tokens']}" + (f" ({x['language'][-1][2]})" if x["language"] else ""),
-                   f"{x['ms']:.0f}", f"{x['speedup']:.2f}x", f"{x['tflops']:.3f}", f"{x['flops_speedup']:.2f}x",
-                   f"{x['efficiency']:.0%}"] for x in p["rows"]])
-    out += ["## 3. Decode step vs cache length", "", f"The model of section 5; runtime: {d['decode_graph']}; Hugging Face: one forward over a DynamicCache.", ""]
-    out += table(["cache length", "runtime ms", "Hugging Face eager ms", "HF / runtime"],
-                 [[x["cache_length"], f"{x['runtime_ms']:.2f}", f"{x['hf_ms']:.2f}", f"{x['hf_ms'] / x['runtime_ms']:.2f}x"] for x in d["rows"]])
-    out += ["## 4. FiCoCo operations alone (PyTorch, CPU)", "",
-            f"Every vision_step of the ratio-{o['ratio']:g} schedule on inputs of its shapes vs the CLIP layer holding the first "
-            f"step (layer {o['layer']['layer']}, with its step) and the whole FiCoCo-V encoder.", ""]
-    out += table(["quantity", "ms", "share"],
-                 [[f"{len(o['steps'])} vision_step calls", f"{o['steps_ms']:.2f}", f"{o['share_of_encoder']:.2%} of the encoder"],
-                  [f"vision_step at layer {o['layer']['layer']}", f"{o['steps'][0]['ms']:.2f}", f"{o['share_of_layer']:.2%} of its layer"],
-                  [f"CLIP layer {o['layer']['layer']}", f"{o['layer']['ms']:.1f}", ""], ["encoder", f"{o['encoder']['ms']:.0f}", "100%"]])
-    out += ["## 5. Hugging Face eager vs the runtime", "", f"Model: {widths(c['model'])}; {c['model']['visual_tokens']} visual tokens "
-            f"in the FiCoCo build; {c['model']['new_tokens']} new tokens, greedy; instruction {c['model']['instruction']!r}.", ""]
-    out += table(["system", "setting", "time to first token ms", "decode tokens/s", "same tokens as HF"],
-                 [[x["system"], x["setting"], f"{x['ttft_ms']:.0f}", f"{x.get('decode_tokens_per_s', float('nan')):.1f}",
-                   "yes" if x["same_tokens_as_hf"] else "no"] for x in c["rows"]])
-    out += ["## Targets", ""] + table(["target", "measured", "result"],
-                                      [[t["target"], t["measured"], "PASS" if t["passed"] else "FAIL"] for t in r["targets"]])
-    return "\n".join(out)
-
-
-def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = r["vision"]["rows"]
-    ratios = [x["ratio"] for x in rows]
-    left.plot(ratios, [x["flops_speedup"] for x in rows], "s--", color="tab:gray", label="FLOPs reduction (full / reduced)")
-    left.plot(ratios, [0.8 * x["flops_speedup"] for x in rows], ":", color="tab:red", label="target: 80% of FLOPs")
-    left.plot(ratios, [x["speedup"] for x in rows], "o-", color="tab:blue", label="measured speedup (ONNX Runtime)")
-    left.set(xlim=(1.05, max(0.0, min(ratios) - 0.1)), title="1. vision encoder (FiCoCo-V)", xlabel="ratio (visual tokens kept)", ylabel="x faster than ratio 1.0")
-    for x in rows:
-        above = x["speedup"] >= x["flops_speedup"]
-        left.annotate(f"{x['speedup']:.2f}x", (x["ratio"], x["speedup"]), textcoords="offset points", xytext=(-4, 7 if above else -12),
-                      ha="right", fontsize=8, color="tab:blue")
-    for variant, color in (("v", "tab:blue"), ("l", "tab:green")):
-        pts = [x for x in r["prefill"]["rows"] if x["variant"] in ("none", variant)]  # the unreduced point first
-        right.plot([x["ratio"] for x in pts], [x["flops_speedup"] for x in pts], "s--", color=color, alpha=0.45, label=f"FiCoCo-{variant.upper()} FLOPs")
-        right.plot([x["ratio"] for x in pts], [x["speedup"] for x in pts], "o-", color=color, label=f"FiCoCo-{variant.upper()} measured")
-        for x in pts[1:]:
-            right.annotate(f"{x['speedup']:.2f}x", (x["ratio"], x["speedup"]), textcoords="offset points", xytext=(8, 0), fontsize=8, va="center")
-    right.set(xlim=left.get_xlim(), title="2. LLM prefill", xlabel="ratio (visual tokens kept)", ylabel="x faster than unreduced")
-    for ax in (left, right):
-        ax.axhline(1.0, color="black", lw=0.6)
-        ax.margins(y=0.12)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    m = r["machine"]
-    fig.suptitle(f"FiCoCo on CPU ({r['settings']['name']} mode): {m['cpu']}, {r['settings']['threads']} threads", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    build, manifest = chat.builds["ficoco"], chat.manifests["ficoco"]
+    lengths = [length for length in mode.lengths if length < manifest["max_seq_len"]]  # the lengths the build admits
+    repeats = max(args.repeats, 5)
+    with M.open_pipeline(build, args.threads) as pipe:
+        runtime = runtime_bench.decode_step_ms(pipe, lengths, repeats=repeats, warmup=args.warmup)
+        cache = pipe.backend.cache
+        row_bytes = [2 * key.nbytes // max(key.shape[2], 1) for key in cache.keys]  # key + value, one row, per layer
+        held = lambda length: sum(b * n for b, n in zip(row_bytes, pipe.build.cache_lengths(length)))  # noqa: E731
+        now, max_seq_len = M.cache_bytes(pipe.backend), pipe.build.max_seq_len
+        before = {length: R.BEFORE["copies"] * held(length) for length in [*lengths, max_seq_len]}
+    hf = M.hf_decode_step_ms(chat.model, lengths, repeats, args.warmup)
+    rows = [{"cache_length": L, "runtime_ms": runtime[L], "hf_ms": hf[L], "cache_bytes_before": before[L]} for L in lengths]
+    return {"build": str(build), "max_seq_len": max_seq_len,
+            "decode_graph": "the FiCoCo build's decoder segments (FiCoCo-V leaves the decoder whole: decoder.0) over the KV "
+                            "cache in place (each layer's buffer read where it is, the new row written into it)",
+            "cache_bytes": now, "cache_copies": 1, "cache_bytes_before_at_max": before[max_seq_len], "rows": rows}
 
 
 # --------------------------------------------------------------------------- main
@@ -342,6 +288,8 @@ def parse_args(argv):
     size.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny widths: checks the script")
     p.set_defaults(mode="full")
     p.add_argument("--out-dir", type=Path, default=Path("docs/bench"), help="bench.md, bench.json, bench.png, bench.log")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), metavar="SECTION",
+                   help=f"run only these ({', '.join(SECTIONS)}), merged into an existing --out-dir/bench.json")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="ONNX Runtime intra-op and torch threads")
     p.add_argument("--repeats", type=int, help="timed repetitions (median reported); default per mode")
     p.add_argument("--warmup", type=int, help="untimed runs before timing; default per mode")
@@ -356,54 +304,88 @@ def parse_args(argv):
         p.error("--repeats and --threads must be >= 1, --warmup >= 0")
     if args.baseline_build and not args.build:
         p.error("--baseline-build needs --build")
+    args.sections = [name for name in SECTIONS if name in args.sections]  # running order, once each
     return args, mode
 
 
-def run(args, mode: Mode, work: Path, log) -> dict:
-    """Every section in turn; bench.json is rewritten after each one, so a failure keeps what was measured."""
-    started, results = time.perf_counter(), {"machine": M.machine(args.threads), "complete": False}
-    results["settings"] = {**dataclasses.asdict(mode), "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
-                           "ort_session": {"provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
-                                           "intra_op_num_threads": args.threads}}
+def start_results(args, mode: Mode) -> dict:
+    """A fresh record, or with --sections the existing bench.json of --out-dir (same mode) to merge into."""
+    settings = {**dataclasses.asdict(mode), "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+                "ort_session": {"provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
+                                "intra_op_num_threads": args.threads}}
+    existing = args.out_dir / "bench.json"
+    if args.sections != list(SECTIONS) and existing.is_file():
+        results = json.loads(existing.read_text())
+        if results.get("settings", {}).get("name") != mode.name:
+            raise ValueError(f"{existing} holds a {results.get('settings', {}).get('name')!r}-mode run; merge {mode.name!r}-mode "
+                             "sections into a run of the same mode (or use another --out-dir)")
+        args.merged, args.run_date = True, M.machine(args.threads)["date"]
+        return results
+    machine = M.machine(args.threads)
+    args.merged, args.run_date = False, machine["date"]
+    return {"machine": machine, "complete": False, "settings": settings}
+
+
+def run(args, mode: Mode, work: Path, log, results: dict) -> dict:
+    """The chosen sections in turn; bench.json is rewritten after each one, so a failure keeps what was measured."""
+    started, wanted = time.perf_counter(), args.sections
     torch.set_num_threads(args.threads)
 
-    def section(keys, title, fn, *a):
-        print(f"[{title}] ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        out = fn(*a)
-        results.update(zip(keys, out) if len(keys) > 1 else {keys[0]: out})
+    def section(name, fn, *a):
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        start, load = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+        results[SECTIONS[name]] = fn(*a)
+        results.setdefault("runs", {})[SECTIONS[name]] = {
+            "date": args.run_date, "mode": mode.name, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+            "cpu": M.machine(args.threads)["cpu"], "load_average_start": load, "duration_s": time.perf_counter() - start}
         (args.out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"[{title}] done in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+        print(f"[{name}] done in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
 
-    model = M.random_llava(mode.vision, M.SMALL_TEXT)
-    section(["vision"], "1 vision", bench_vision, mode, args, work, model, log)
-    section(["ficoco_ops"], "4 FiCoCo ops", bench_ops, mode, args, model)
-    del model
-    gc.collect()
-    section(["prefill"], "2 prefill", bench_prefill, mode, args, work, log)
-    section(["chat", "decode"], "3+5 decode, chat", bench_chat, mode, args, work, log)
-    results["machine"].update(load_average_end=[round(x, 2) for x in os.getloadavg()], peak_rss_mb=M.peak_rss_mb())
-    results.update(duration_s=time.perf_counter() - started, complete=True)
-    results["targets"] = targets(results)
+    if "vision" in wanted or "ops" in wanted:
+        model = M.random_llava(mode.vision, M.SMALL_TEXT)
+        if "vision" in wanted:
+            section("vision", bench_vision, mode, args, work, model, log)
+        if "ops" in wanted:
+            section("ops", bench_ops, mode, args, model)
+        del model
+        gc.collect()
+    if "prefill" in wanted:
+        section("prefill", bench_prefill, mode, args, work, log)
+    if "decode" in wanted or "chat" in wanted:
+        chat = ChatModel.make(mode, args, work, log, baseline="chat" in wanted)
+        if "chat" in wanted:
+            section("chat", bench_chat, mode, args, chat)
+        if "decode" in wanted:
+            section("decode", bench_decode, mode, args, chat)
+    if not args.merged:  # the header's machine and time are this run's
+        results["machine"].update(load_average_end=[round(x, 2) for x in os.getloadavg()], peak_rss_mb=M.peak_rss_mb())
+        results["duration_s"] = time.perf_counter() - started
+    results["complete"] = all(key in results for key in SECTIONS.values())
+    results["targets"] = R.targets(results)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args, mode = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = start_results(args, mode)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     log = io.StringIO()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ficoco-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        results = run(args, mode, work, log)
+        results = run(args, mode, work, log, results)
     finally:
         (args.out_dir / "bench.log").write_text(log.getvalue())
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     (args.out_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = markdown(results)
+    report = R.markdown(results)
     (args.out_dir / "bench.md").write_text(report)
-    plot(results, args.out_dir / "bench.png")
+    R.plot(results, args.out_dir / "bench.png")
     print(report)
     return 0
 

@@ -3,10 +3,12 @@ code, and the two systems of the chat comparison (Hugging Face `generate`, `runt
 
 Widths: CLIP ViT-L/14-336 (LLaVA-1.5's vision tower) and Vicuna-7B's decoder (LLaVA-1.5-7B's LLM),
 with seeded random weights (matrices N(0, 0.02), biases 0, norm scales 1): the time of a
-static-shape graph does not depend on the values. Graphs go through `export.graphs` exactly as
-`export.build` makes them (`VisionGraph` / `PrefillGraph` and `export_onnx`, the same dynamic
-text dims), and ONNX Runtime sessions are opened with the runtime's options plus an explicit
-thread count.
+static-shape graph does not depend on the values. Graphs go through `export.graphs.graph_set` and
+`export.pipeline.export_graph` exactly as `export.build` makes them (the build layout of
+`runtime.names`: vision.onnx, and the LLM as decoder segments and weightless FiCoCo-L reductions,
+with the same dynamic dims), and ONNX Runtime sessions are opened with the runtime's options plus
+an explicit thread count. The prefill runs through the chain as `runtime.backend_ort` runs it
+(`PrefillChain`).
 """
 
 from __future__ import annotations
@@ -93,53 +95,69 @@ def describe_model(model) -> dict:
     }
 
 
-def patched(model, variant: str, ratio: float):
-    """ficoco.apply with the export's settings (static crop layout); ratio 1.0 is the unreduced model."""
-    from export.graphs import Layout
-    from ficoco import FiCoCoConfig, apply
+MAX_SEQ_LEN = 2048  # the exported graphs' bound on the sequence (export.build's default)
 
-    apply(model, FiCoCoConfig(variant, ratio=ratio, crop_layout="crops"))
-    plan = model.ficoco_plan
-    return plan, Layout(None, 1, plan.vision_tokens)
+
+def patched(model, variant: str, ratio: float):
+    """ficoco.apply with the export's settings (static crop layout) -> (patch plan, ficoco.BuildPlan);
+    ratio 1.0 is the unreduced model."""
+    from ficoco import FiCoCoConfig, apply, plan
+
+    config = FiCoCoConfig(variant, ratio=ratio, crop_layout="crops")
+    apply(model, config)
+    return model.ficoco_plan, plan(model.config.to_dict(), config, None)
+
+
+def graph_set(model, variant: str, ratio: float):
+    """The build's torch modules (`export.graphs.GraphSet`) of `model` under FiCoCo-`variant` at `ratio`."""
+    from export.graphs import graph_set as make
+
+    return make(model, *patched(model, variant, ratio))
 
 
 def export_vision(model, ratio: float, path: Path) -> dict:
-    """vision.onnx of `model` under FiCoCo-V at `ratio`; returns the schedule."""
-    from export.graphs import VisionGraph, export_onnx
+    """vision.onnx of `model` under FiCoCo-V at `ratio` (path: DIR/vision.onnx); returns the schedule."""
+    from export.pipeline import export_graph, is_large
+    from runtime import names
 
-    plan, _ = patched(model, "v", ratio)
-    graph = VisionGraph(model, plan).eval()
+    graphs = graph_set(model, "v", ratio)
     side = model.config.vision_config.image_size
-    with torch.no_grad():
-        export_onnx(graph, (torch.zeros(1, 3, side, side),), path, "vision", model.config.text_config.num_hidden_layers,
-                    None, large=False)
-    return {"vision": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.vision], "kept_per_crop": plan.vision_tokens}
+    export_graph(graphs, names.VISION, (torch.zeros(1, 3, side, side),), path.parent, MAX_SEQ_LEN, is_large(model))
+    plan = graphs.plan
+    return {"vision": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.vision], "kept_per_crop": plan.kept_per_crop}
 
 
 def prefill_inputs(model, visual: int, before: int, after: int, seed: int = SEED) -> tuple[torch.Tensor, ...]:
-    """(ids before [1, before], image features [1, visual, D], ids after [1, after]), seeded."""
+    """(ids before [1, before], image features [visual, D], ids after [1, after]), seeded."""
     generator = torch.Generator().manual_seed(seed)
     text = model.config.text_config
     ids = torch.randint(0, text.vocab_size - 1, (1, before + after), generator=generator)  # never the image id
-    features = torch.randn(1, visual, text.hidden_size, generator=generator)
+    features = torch.randn(visual, text.hidden_size, generator=generator)
     return ids[:, :before], features, ids[:, before:]
 
 
-def export_prefill(model, variant: str, ratio: float, path: Path, before: int, after: int, max_seq_len: int = 2048) -> dict:
-    """prefill.onnx under FiCoCo-`variant` at `ratio` (as export.pipeline does: dynamic text dims,
-    external data past 1.8 GB); returns the visual-token schedule."""
-    from export.graphs import PrefillGraph, export_onnx
-    from export.pipeline import is_large
+def export_prefill(model, variant: str, ratio: float, directory: Path, before: int, after: int) -> dict:
+    """The LLM graphs of the build layout (decoder.0, reduce.1, decoder.1, ...; no embed.onnx: the runtime
+    looks rows up itself) under FiCoCo-`variant` at `ratio`, into `directory`, traced and exported as
+    `export.build` does (`example_args`, `export_graph`). Returns the schedule and what `PrefillChain` needs."""
+    from types import SimpleNamespace
 
-    plan, layout = patched(model, variant, ratio)
-    graph = PrefillGraph(model, plan, layout).eval()
-    dim = torch.export.Dim
-    dynamic = ({1: dim("text_before", min=1, max=max_seq_len)}, None, {1: dim("text_after", min=1, max=max_seq_len)})
-    args = prefill_inputs(model, layout.visual_tokens, before, after)
-    with torch.no_grad():
-        export_onnx(graph, args, path, "prefill", model.config.text_config.num_hidden_layers, dynamic, is_large(model))
-    steps = plan.language_steps(layout.visual_tokens)
-    return {"visual_tokens": layout.visual_tokens, "language": [[s.layer, s.tokens_in, s.tokens_out] for s in steps]}
+    from export import pipeline
+    from runtime import names
+
+    graphs = graph_set(model, "v" if variant == "none" else variant, ratio)
+    side = model.config.vision_config.image_size
+    ids_before, _, ids_after = prefill_inputs(model, graphs.plan.visual_tokens, before, after)
+    sample = SimpleNamespace(pixel_values=np.zeros((1, 3, side, side), np.float32),
+                             before=ids_before.numpy(), after=ids_after.numpy())
+    args, large = pipeline.example_args(graphs, sample), pipeline.is_large(model)
+    chain = [graph for graph in graphs.llm if graph != names.EMBED]
+    for graph in chain:
+        pipeline.export_graph(graphs, graph, args[graph], directory, MAX_SEQ_LEN, large)
+    plan, attn = graphs.plan, model.model.language_model.layers[0].self_attn
+    return {"visual_tokens": plan.visual_tokens, "language": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.language],
+            "graphs": chain, "layers": graphs.layers, "kv_heads": model.config.text_config.num_key_value_heads,
+            "head_dim": attn.head_dim}
 
 
 def ort_options(threads: int):
@@ -171,6 +189,54 @@ class OrtGraph:
         self.session.run_with_iobinding(self.binding)
 
 
+class PrefillChain:
+    """The runtime's prefill (`runtime.backend_ort.OrtBackend.prefill`) over one setting's exported LLM graphs.
+
+    Each call does what the runtime does: the prompt's embeddings (the text rows, looked up beforehand,
+    around the image features) go through decoder.0 with empty past buffers ([1, Hkv, 0, Dh],
+    past_length 0); its layers' K/V for the whole prompt are copied into cache buffers allocated once;
+    reduce.1 turns decoder.0's attended stream into decoder.1's input; ... the last segment returns the
+    logits. `info` is `export_prefill`'s; `inputs`: rows_before [Tb, D], features [n, D], rows_after
+    [Ta, D] (float32) and before [1, Tb] (the ids reduce.s reads the visual span's start from).
+    """
+
+    def __init__(self, directory: Path, info: dict, inputs: dict, threads: int):
+        import onnxruntime as ort
+
+        from runtime import names
+
+        self.names, steps = names, tuple(layer for layer, _, _ in info["language"])
+        self.sessions = {graph: ort.InferenceSession(str(directory / f"{graph}.onnx"), ort_options(threads),
+                                                     providers=["CPUExecutionProvider"]) for graph in info["graphs"]}
+        self.chain = [(names.decoder(s), names.reduce(s + 1) if s < len(steps) else None,
+                       names.segment_layers(s, steps, info["layers"])) for s in range(len(steps) + 1)]
+        self.inputs = {key: np.ascontiguousarray(value) for key, value in inputs.items()}
+        prompt = sum(len(self.inputs[key]) for key in ("rows_before", "features", "rows_after"))
+        shape = (1, info["kv_heads"], prompt, info["head_dim"])
+        self.keys = [np.zeros(shape, np.float32) for _ in range(info["layers"])]
+        self.values = [np.zeros(shape, np.float32) for _ in range(info["layers"])]
+        self.empty = {name: np.zeros((*shape[:2], 0, shape[3]), np.float32)
+                      for name in names.cache_names(names.past, info["layers"])}
+
+    def __call__(self) -> np.ndarray:
+        n, x = self.names, self.inputs
+        hidden = np.concatenate([x["rows_before"], x["features"], x["rows_after"]])[None]  # [1, P, D]
+        positions = np.arange(hidden.shape[1], dtype=np.int64)[None]
+        for graph, reduce, layers in self.chain:
+            feeds = {n.HIDDEN_STATES: hidden, n.POSITION_IDS: positions, n.PAST_LENGTH: np.zeros(1, np.int64),
+                     **{name: self.empty[name] for name in n.cache_names(n.past, layers)}}
+            out = self.sessions[graph].run(None, feeds)
+            tail, rows = 1 if reduce is None else 2, hidden.shape[1]
+            for slot, i in enumerate(layers):  # the prompt's rows, once, into the buffers
+                self.keys[i][:, :, :rows] = out[tail + 2 * slot]
+                self.values[i][:, :, :rows] = out[tail + 2 * slot + 1]
+            if reduce is None:
+                return out[0]
+            hidden, positions, _ = self.sessions[reduce].run(None, {
+                n.ATTENDED: out[0], n.ATTENTION: out[1], n.POSITION_IDS: positions, n.INPUT_IDS_BEFORE: x["before"]})
+        raise AssertionError("the last segment returns the logits")
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -189,23 +255,24 @@ def measure(fns: dict, repeats: int, warmup: int) -> dict:
     return {key: {"ms": statistics.median(s), "samples_ms": [round(x, 3) for x in s]} for key, s in samples.items()}
 
 
-def time_graphs(specs: dict, threads: int, repeats: int, warmup: int) -> tuple[dict, bool]:
-    """Time ONNX graphs {key: (path, feeds)}: all sessions open and interleaved when their weights fit
-    comfortably in memory, else one session at a time. Returns (times, interleaved)."""
-    weights = sum(sum(f.stat().st_size for f in Path(path).parent.glob("*")) for path, _ in specs.values())
+def time_graphs(specs: dict, repeats: int, warmup: int) -> tuple[dict, bool]:
+    """Time ONNX graphs {key: (directory, open)}: `open()` loads the directory's graphs and returns the
+    function to time. All open and interleaved when their weights fit comfortably in memory, else one
+    at a time (each directory removed once timed). Returns (times, interleaved)."""
+    weights = sum(sum(f.stat().st_size for f in Path(directory).glob("*")) for directory, _ in specs.values())
     together = weights < 0.25 * available_bytes()  # ONNX Runtime holds about twice the weights (prepacked copies)
     if together:
-        graphs = {key: OrtGraph(path, threads, feeds) for key, (path, feeds) in specs.items()}
+        graphs = {key: open_() for key, (_, open_) in specs.items()}
         times = measure(graphs, repeats, warmup)
         graphs.clear()
         return times, True
     times = {}
-    for key, (path, feeds) in specs.items():
-        graph = OrtGraph(path, threads, feeds)
+    for key, (directory, open_) in specs.items():
+        graph = open_()
         times.update(measure({key: graph}, repeats, warmup))
         del graph
         gc.collect()
-        shutil.rmtree(Path(path).parent, ignore_errors=True)  # large graphs: free the disk as we go
+        shutil.rmtree(directory, ignore_errors=True)  # large graphs: free the disk as we go
     return times, False
 
 
@@ -332,6 +399,13 @@ def open_pipeline(build: Path, threads: int):
     return Pipeline(b, OrtBackend(b, threads=threads), tokenizer, PreprocessConfig.from_dict(b.manifest["preprocess"]))
 
 
+def cache_bytes(backend) -> int:
+    """Bytes of a runtime backend's KV cache: every layer's key and value buffer (`backend.cache`, host
+    arrays on ONNX Runtime), allocated once at the layer's capacity: the one copy the runtime holds."""
+    cache = backend.cache
+    return sum(int(buffer.nbytes) for buffer in [*cache.keys, *cache.values])
+
+
 def hf_decode_step_ms(model, lengths, repeats: int, warmup: int) -> dict[int, float]:
     """{L: median ms of one HF forward of one token over a zero-filled DynamicCache of length L}."""
     from transformers.cache_utils import DynamicCache
@@ -375,17 +449,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def chat_builds(mode, args, work: Path, log) -> tuple[dict[str, Path], Path | None]:
+def chat_builds(mode, args, work: Path, log, baseline: bool = True) -> tuple[dict[str, Path], Path | None]:
     """({"ficoco": build, "none": unreduced build (when made)}, the chat model's directory): --build (whose
-    model is then found from its manifest), or export.build of the chat model."""
+    model is then found from its manifest), or export.build of the chat model (the unreduced build only
+    when the mode asks for it and `baseline`)."""
     if args.build:
-        return {"ficoco": args.build, **({"none": args.baseline_build} if args.baseline_build else {})}, None
+        return {"ficoco": args.build, **({"none": args.baseline_build} if args.baseline_build and baseline else {})}, None
     from export.build import main as build_main
 
     with quiet(log):
         source = chat_model_dir(mode.chat, work / "chat-model")
     wanted = {"ficoco": ["--variant", "v", "--ratio", str(mode.chat_ratio)]}
-    if mode.baseline_build:
+    if mode.baseline_build and baseline:
         wanted["none"] = ["--variant", "none"]
     builds = {}
     for key, variant in wanted.items():

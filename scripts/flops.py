@@ -7,14 +7,24 @@
 
 Convention (the paper's, `ficoco.flops`): 2 FLOPs per multiply-accumulate of
 every linear layer plus Q K^T and A V over the full T x T matrix, LLM prefill
-only, 576 visual tokens per 336 px crop and 60 text tokens. LLaVA-NeXT counts
-`crops x 576` visual tokens with the anyres grid of most crops (2x2 + base
-crop = 5 crops = 2880 tokens), leaving out the `image_newline` tokens and HF's
-unpadding: that gives 42.6 TFLOPs (paper 42.7); HF's unpadded 672x672 layout
-(2928 tokens) would give 43.4 and this project's crop layout (2882) 42.6.
-Budgets count the prefill, as the paper's TFLOPs columns do for every variant;
-that is exactly FiCoCo-V's prefill (the LLM sees k visual tokens from layer 0),
-hence the default variant `v`. `--include-vision` adds the CLIP encoder.
+only, 576 visual tokens per 336 px crop and 60 text tokens. The visual tokens are
+those a build with the setting runs (`ficoco.plan`, as the manifest's FLOPs):
+LLaVA-NeXT counts the anyres grid of most crops (2x2 + base crop = 5 crops x 576)
+plus one `image_newline` token per grid row, 2882 tokens (this project's crop
+layout, without HF's unpadding): 42.64 TFLOPs (paper 42.7). Leaving the two
+newline tokens out (2880, what this script counted before) gives 42.61; HF's
+unpadded 672x672 layout (2928 tokens) 43.38. Budgets count the prefill, as the
+paper's TFLOPs columns do for every variant; that is exactly FiCoCo-V's prefill
+(the LLM sees k visual tokens from layer 0), hence the default variant `v`.
+`--include-vision` adds the CLIP encoder. On LLaVA-NeXT the newline tokens
+cost a budget a little: 2.9 TFLOPs keeps 31 tokens per crop (5 x 31 + 2 = 157
+visual tokens), not 32.
+
+`--onnx BUILD` counts the MatMul / Gemm FLOPs of a build's graphs, run once
+with ONNX Runtime at a prompt of 5 + 55 text tokens: vision.onnx, and the
+prefill as the runtime runs it, the sum over decoder.0, reduce.1, decoder.1, ...
+(each decoder segment on its prompt tokens with empty past buffers), against the
+analytic count of the build's schedule, with the known differences itemised.
 
 `--model` takes a shipped shape-only config (scripts/configs/NAME.json, the
 Hugging Face config.json format), a local checkpoint directory or config.json,
@@ -44,11 +54,12 @@ from ficoco.flops import (  # noqa: F401  (re-exported: the counting lives in fi
     count,
     tokens_for_budget,
 )
+from runtime.names import VISION, decoder, reduce
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONVENTION = ("LLM prefill; 2 FLOPs/MAC over linear layers + full (not causally halved) QK^T and AV; "
               "norms, softmax, activations, LM head and FiCoCo's own ops left out; {text} text tokens; "
-              "visual tokens = crops x tokens per crop (LLaVA-NeXT: anyres grid of most crops, no newline tokens)")
+              "visual tokens = crops x tokens per crop (LLaVA-NeXT: anyres grid of most crops, + one newline token per grid row)")
 _TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _VISION_KEYS = (*_TEXT_KEYS, "image_size", "patch_size")
 
@@ -176,6 +187,7 @@ class CrossCheck:
     onnx: float  # MatMul + Gemm nodes of the graph
     terms: dict[str, float] = field(default_factory=dict)  # in the graph, not in the convention (or vice versa)
     conv: float = 0.0  # Conv nodes (CLIP's patch embedding), outside the convention and not in `onnx`
+    graphs: dict[str, float] = field(default_factory=dict)  # the prefill: `onnx` per graph of the chain
 
     @property
     def relative(self) -> float:
@@ -199,7 +211,7 @@ def _vision_terms(config: dict, steps: list[list[int]], crops: int, kept: int) -
 
 
 def _prefill_terms(config: dict, steps: list[list[int]], text_after: int) -> dict[str, float]:
-    """What prefill.onnx computes beyond (or short of) `ficoco.flops.prefill_flops`."""
+    """What the decoder.* and reduce.* graphs compute beyond (or short of) `ficoco.flops.prefill_flops`."""
     t = config["text_config"]
     terms = {"LM head on the last position": 2.0 * t["hidden_size"] * t["vocab_size"]}
     if steps:
@@ -210,9 +222,24 @@ def _prefill_terms(config: dict, steps: list[list[int]], text_after: int) -> dic
     return terms
 
 
+def prefill_dims(schedule: dict, text_before: int, text_after: int) -> dict[str, dict[str, int]]:
+    """{graph: dynamic dims} of the LLM graphs a prefill runs, in order, for a prompt of `text_before` +
+    the schedule's visual tokens + `text_after` tokens: decoder.{s} on the tokens left after s FiCoCo-L
+    steps (`BuildPlan.segment_tokens`) with empty past buffers (capacity 0, past_length 0, as the
+    runtime's prefill), reduce.{s} on what decoder.{s-1} returns."""
+    tokens = text_before + schedule["visual_tokens"] + text_after
+    dims = {decoder(0): {"tokens": tokens, "capacity": 0}}
+    for index, (_, tokens_in, tokens_out) in enumerate(schedule["language"], start=1):
+        dims[reduce(index)] = {"tokens": tokens, "text_before": text_before}
+        tokens -= tokens_in - tokens_out
+        dims[decoder(index)] = {"tokens": tokens, "capacity": 0}
+    return dims
+
+
 def cross_check(build_dir: str | Path, text_before: int = 5, text_after: int = 55,
                 model_config: dict | None = None, model: str | Path | None = None) -> list[CrossCheck]:
-    """Count vision.onnx and prefill.onnx of an `export.build` build against the analytic model (same schedule)."""
+    """Count vision.onnx and the prefill's chain of graphs (decoder.0, reduce.1, decoder.1, ...) of an
+    `export.build` build against the analytic model of its schedule."""
     build = Path(build_dir)
     if not (build / "manifest.json").is_file():
         raise ValueError(f"{str(build)!r} is not an export.build directory (no manifest.json)")
@@ -221,19 +248,19 @@ def cross_check(build_dir: str | Path, text_before: int = 5, text_after: int = 5
         from export.reload import source_dir
 
         model_config = load_model_config(source_dir(manifest, model))  # the checkpoint the build was made from
-    config = model_config
-    s = manifest["schedule"]
+    config, s, entries = model_config, manifest["schedule"], manifest["graphs"]
     geometry = config_geometry(config)
     vision_model, text_model = F.vision_of(config["vision_config"]), F.text_of(config["text_config"])
     vision_steps = {layer: out for layer, _, out in s["vision"]}
     language_steps = {layer: out for layer, _, out in s["language"]}
-    vision = graph_flops(build / manifest["graphs"]["vision"]["file"], {})
-    prefill = graph_flops(build / manifest["graphs"]["prefill"]["file"], {"text_before": text_before, "text_after": text_after})
+    vision = graph_flops(build / entries[VISION]["file"], {})
+    llm = {graph: graph_flops(build / entries[graph]["file"], dims)["matmul"]
+           for graph, dims in prefill_dims(s, text_before, text_after).items()}
     return [
         CrossCheck("vision", F.vision_flops(vision_model, s["crops"], geometry.patches, vision_steps, geometry.feature_layer),
                    vision["matmul"], _vision_terms(config, s["vision"], s["crops"], s["kept_per_crop"]), vision["conv"]),
         CrossCheck("prefill", F.prefill_flops(text_model, text_before + text_after, s["visual_tokens"], language_steps),
-                   prefill["matmul"], _prefill_terms(config, s["language"], text_after)),
+                   sum(llm.values()), _prefill_terms(config, s["language"], text_after), graphs=llm),
     ]
 
 
@@ -246,7 +273,8 @@ def report_model(name: str, config: dict, args: argparse.Namespace) -> list[str]
     patches = config_geometry(config).patches
     paper = config.get("ficoco_paper", {}) if args.grid is None else {}  # the paper counts the largest grid
     vs = f" (paper {paper['vanilla_tflops']}: {base.prefill / 1e12 / paper['vanilla_tflops'] - 1:+.1%})" if "vanilla_tflops" in paper else ""
-    lines = [f"{name}: {base.crops} crop(s) x {patches} = {base.visual_tokens} visual + {args.text_tokens} text tokens",
+    newlines = f" + {base.plan.newline_rows} newline" if base.plan.newline_rows else ""
+    lines = [f"{name}: {base.crops} crop(s) x {patches}{newlines} = {base.visual_tokens} visual + {args.text_tokens} text tokens",
              f"  vanilla prefill {base.prefill / 1e12:.2f} TFLOPs{vs}; vision encoder {base.vision / 1e12:.2f} TFLOPs",
              "  FiCoCo, prefill TFLOPs (vision encoder) at tokens kept per crop:",
              f"  {'tokens':>8} {'ratio':>6}" + "".join(f"{'FiCoCo-' + v.upper():>18}" for v in VARIANTS)]
@@ -285,6 +313,7 @@ def report_onnx(build_dir: Path, model: str | None = None) -> list[str]:
     for row in cross_check(build_dir, model=model):
         lines.append(f"  {row.graph}: ONNX MatMul/Gemm {row.onnx / 1e9:.4f} GFLOPs vs analytic {row.analytic / 1e9:.4f} "
                      f"({row.relative:+.2%}); unexplained {row.unexplained / 1e9:.6f} GFLOPs")
+        lines += [f"    {graph}.onnx: {value / 1e9:.4f} GFLOPs" for graph, value in row.graphs.items()]
         lines += [f"    {name}: {value / 1e9:+.4f} GFLOPs" for name, value in row.terms.items()]
         if row.conv:
             lines.append(f"    (Conv patch embedding, not counted: {row.conv / 1e9:.4f} GFLOPs)")

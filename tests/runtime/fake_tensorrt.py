@@ -17,10 +17,17 @@ the fake is as strict as TensorRT, or stricter:
 * `deserialize_cuda_engine` returns None (and logs an error) on a TensorRT-version or compute-
   capability mismatch; `create_execution_context` returns None when the engine's device memory
   does not fit what is free;
-* freshly allocated device memory is 0xFF bytes (NaN as floats), and a kernel that reads bytes
-  never written fails;
+* freshly allocated device memory is 0xFF bytes (NaN as floats); every byte remembers whether it was
+  ever written (memset, upload, copy, an engine's output), and a kernel, a copy or a download that
+  reads a byte never written fails;
+* device-to-device copies (`copy`, and `copy2d` of rows between pitched layouts) are checked like the
+  CUDA calls: each layout inside one allocation, width within both pitches, no overlap;
 * execution needs an address for every I/O tensor and a shape for every dynamic input, runs on the
-  stream it was given (not a destroyed one), and outputs must fit their block and not alias inputs.
+  stream it was given (not a destroyed one); the kernel reads every input from the device memory at
+  its address (the shape set for it, the engine's dtype) and writes every output to its address, which
+  must hold it within one allocation and overlap no input and no other output. An output dimension the
+  ONNX graph names with a symbol no input has (e.g. FiCoCo-L's token count) is data-dependent: -1 until
+  the run.
 
 TensorRT-RTX's runtime config is modelled too: a runtime cache of "kernels" keyed by input shapes,
 filled when the dynamic-shape strategy is LAZY or EAGER and a shape is new (`compiles` counts them),
@@ -77,12 +84,15 @@ def from_engine_dtype(value: np.ndarray, kind: str, onnx_kind: str) -> np.ndarra
 
 
 class FakeCuda:
-    """Host numpy blocks behind fake pointers; one stream whose queued work runs at `sync`."""
+    """Host numpy blocks behind fake pointers; one stream whose queued work runs at `sync`.
+
+    Each block remembers which of its bytes were ever written (`written`) and the dtype written last (`tags`)."""
 
     name = "fake-cuda"
 
     def __init__(self, memory: int = 1 << 36, compute_capability: str = "8.6") -> None:
         self.blocks: dict[int, np.ndarray] = {}
+        self.written: dict[int, np.ndarray] = {}  # block -> per byte: written since the allocation
         self.tags: dict[int, str | None] = {}  # block -> numpy dtype of the bytes written last ("zero" after memset)
         self.pending: list = []
         self.free_memory, self.compute_capability = memory, compute_capability
@@ -98,6 +108,7 @@ class FakeCuda:
         pointer = self.next
         self.next += (nbytes + 0x1000 + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
         self.blocks[pointer], self.tags[pointer] = np.full(nbytes, 0xFF, np.uint8), None  # not zeroed
+        self.written[pointer] = np.zeros(nbytes, np.bool_)
         return pointer
 
     def block_of(self, pointer: int) -> int | None:
@@ -105,46 +116,67 @@ class FakeCuda:
 
     def free(self, pointer: int) -> None:
         assert pointer in self.blocks, f"free of {pointer:#x}, which is not an allocation"
-        del self.blocks[pointer], self.tags[pointer]
+        del self.blocks[pointer], self.tags[pointer], self.written[pointer]
 
     def _enqueue(self, operation: Any) -> None:
         assert not self.closed, "work queued on a destroyed stream"
         self.pending.append(operation)
 
-    def _span(self, pointer: int, nbytes: int) -> tuple[int, np.ndarray]:
-        """(block start, the nbytes of device memory at pointer); the span must lie inside one allocation."""
+    def _span(self, pointer: int, nbytes: int) -> tuple[int, slice]:
+        """(block start, where the nbytes at pointer lie in it); the span must lie inside one allocation."""
         start = self.block_of(pointer)
         assert start is not None, f"{pointer:#x} is not device memory"
         offset = pointer - start
         assert offset + nbytes <= self.blocks[start].size, f"{nbytes} bytes at {pointer:#x} run past a block of {self.blocks[start].size}"
-        return start, self.blocks[start][offset:offset + nbytes]
+        return start, slice(offset, offset + nbytes)
+
+    def _store(self, start: int, where: Any, data: np.ndarray, tag: str) -> None:
+        """Write bytes into a block and mark them written; the block's tag becomes `tag` (a memset's "zero" does
+        not hide a dtype written before)."""
+        self.blocks[start][where] = data
+        self.written[start][where] = True
+        if tag != "zero" or self.tags[start] in (None, "zero"):
+            self.tags[start] = tag
+
+    def _load(self, start: int, where: Any, name: str) -> np.ndarray:
+        assert self.written[start][where].all(), f"{name}: reads device memory that was never written (cudaMalloc does not zero it)"
+        return self.blocks[start][where]
 
     def memset(self, pointer: int, nbytes: int) -> None:
-        start, span = self._span(pointer, nbytes)
-
-        def run() -> None:
-            span[:] = 0
-            self.tags[start] = "zero"
-
-        self._enqueue(run)
+        start, where = self._span(pointer, nbytes)
+        self._enqueue(lambda: self._store(start, where, 0, "zero"))
 
     def upload(self, pointer: int, host: np.ndarray) -> None:
         assert host.flags.c_contiguous, host.shape
-        start, span = self._span(pointer, host.nbytes)
-
-        def run() -> None:  # reads the host array when the stream gets there, like cudaMemcpyAsync
-            span[:] = host.reshape(-1).view(np.uint8)
-            self.tags[start] = host.dtype.str
-
-        self._enqueue(run)
+        start, where = self._span(pointer, host.nbytes)
+        # reads the host array when the stream gets there, like cudaMemcpyAsync
+        self._enqueue(lambda: self._store(start, where, host.reshape(-1).view(np.uint8), host.dtype.str))
 
     def download(self, host: np.ndarray, pointer: int) -> None:
         assert host.flags.c_contiguous, host.shape
-        start, span = self._span(pointer, host.nbytes)
+        start, where = self._span(pointer, host.nbytes)
 
         def run() -> None:
             assert self.tags[start] in (host.dtype.str, "zero"), f"download of {self.tags[start]} bytes into a {host.dtype} array"
-            host.reshape(-1).view(np.uint8)[:] = span
+            host.reshape(-1).view(np.uint8)[:] = self._load(start, where, "download")
+
+        self._enqueue(run)
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        """cudaMemcpyAsync device to device: both spans inside allocations, not overlapping."""
+        self.copy2d(dst, nbytes, src, nbytes, nbytes, 1)
+
+    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int) -> None:
+        """cudaMemcpy2DAsync device to device: `height` rows of `width` bytes, each layout inside one allocation."""
+        assert width <= dst_pitch and width <= src_pitch, f"width {width} exceeds a pitch ({dst_pitch}, {src_pitch})"
+        (to, to_span), (of, of_span) = (self._span(p, (height - 1) * pitch + width) for p, pitch in ((dst, dst_pitch), (src, src_pitch)))
+        assert to != of or to_span.stop <= of_span.start or of_span.stop <= to_span.start, "a copy between overlapping spans"
+        rows = [(to_span.start + r * dst_pitch, of_span.start + r * src_pitch) for r in range(height)]
+
+        def run() -> None:
+            assert self.tags[of] is not None, "a copy of device memory that was never written"
+            for d, s in rows:
+                self._store(to, slice(d, d + width), self._load(of, slice(s, s + width), "copy").copy(), self.tags[of])
 
         self._enqueue(run)
 
@@ -159,16 +191,14 @@ class FakeCuda:
         self.closed = True
 
     def read(self, pointer: int, shape: tuple[int, ...], dtype: Any, name: str) -> np.ndarray:
-        start, span = self._span(pointer, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        tag = self.tags[start]
-        assert tag is not None, f"{name}: reads device memory that was never written (cudaMalloc does not zero it)"
+        start, where = self._span(pointer, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        data, tag = self._load(start, where, name), self.tags[start]
         assert tag in (np.dtype(dtype).str, "zero"), f"{name}: device bytes hold {np.dtype(tag)} but the tensor is {np.dtype(dtype)}"
-        return span.view(dtype).reshape(shape).copy()
+        return data.view(dtype).reshape(shape).copy()
 
     def write(self, pointer: int, value: np.ndarray, name: str) -> None:
-        start, span = self._span(pointer, value.nbytes)
-        span[:] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-        self.tags[start] = value.dtype.str
+        start, where = self._span(pointer, value.nbytes)
+        self._store(start, where, np.ascontiguousarray(value).reshape(-1).view(np.uint8), value.dtype.str)
 
 
 class Strategy(enum.IntEnum):
@@ -269,16 +299,20 @@ class FakeContext:
 
     def _kernel(self, shapes: dict, addresses: dict, outputs: dict) -> None:
         engine, cuda = self.engine, self.engine.cuda
-        feeds = {}
+        feeds, spans = {}, []
         for name in engine.input_names:
             shape = shapes.get(name) or engine.get_tensor_shape(name)
             value = cuda.read(addresses[name], shape, _NUMPY[engine.types[name]], name)
             feeds[name] = from_engine_dtype(value, engine.types[name], engine.onnx_types[name])
-        inputs = {addresses[n] for n in engine.input_names}
+            spans.append((name, addresses[name], value.nbytes))
         for name, value in zip(engine.output_names, engine.session.run(engine.output_names, feeds)):
-            assert addresses[name] not in inputs, f"output {name} aliases an input"
-            assert value.shape == outputs[name], (name, value.shape, outputs[name])
-            cuda.write(addresses[name], to_engine_dtype(value, engine.types[name]), name)
+            value = to_engine_dtype(value, engine.types[name])  # -1: a data-dependent size, known only now
+            assert len(value.shape) == len(outputs[name]) and all(o in (-1, v) for o, v in zip(outputs[name], value.shape)), \
+                (name, value.shape, outputs[name])
+            overlap = [n for n, p, size in spans if p < addresses[name] + value.nbytes and addresses[name] < p + size]
+            assert not overlap, f"output {name} overlaps {overlap[0]} (an engine's tensors must not alias)"
+            cuda.write(addresses[name], value, name)
+            spans.append((name, addresses[name], value.nbytes))
         engine.runs += 1
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 
-from export.from_onnx import engine_profiles, optimum_shapes
+from export.from_onnx import ENGINELESS, dim_ranges, engine_profiles
 from runtime import backend as backend_module
 from runtime import backend_trt, bench, cuda as cuda_module, device, errors, names
 from runtime.backend import BackendError, BackendNotInstalledError, EngineMismatchError
@@ -53,17 +54,22 @@ def io_dtypes(manifest: dict, floats: str, ints: str) -> dict[str, str]:
 
 
 def with_engines(build: Path, tmp_path: Path, flavour: str = "tensorrt", cc: str = "8.6", dtypes: dict | None = None,
-                 text_max: int | None = None, device_memory: int = 1 << 20, header_version: str | None = None) -> Path:
-    """A copy of `build` with fake engines: each graph's ONNX behind a header with the export's own profiles."""
+                 tokens_max: int | None = None, device_memory: int = 1 << 20, header_version: str | None = None) -> Path:
+    """A copy of `build` with fake engines: each graph's ONNX (embed's excepted) behind a header with the export's
+    own profiles (`tokens_max`: the decoder segments take at most that many tokens)."""
     copy = tmp_path / f"engines-{flavour}"
     shutil.copytree(build, copy, ignore=shutil.ignore_patterns("*.engine"))
     manifest = json.loads((copy / "manifest.json").read_text())
     version, engines = VERSIONS[flavour], {}
     for graph, entry in manifest["graphs"].items():
-        profiles = engine_profiles(entry, manifest["max_seq_len"], optimum_shapes(manifest))
-        if text_max is not None and graph == names.PREFILL:
-            profiles = {k: (p[0], p[0], (1, text_max)) if k.startswith("input_ids") else p for k, p in profiles.items()}
-        data = serialize_engine((copy / entry["file"]).read_bytes(), version=header_version or version,
+        if graph in ENGINELESS:
+            continue
+        ranges = dim_ranges(manifest, graph)
+        if tokens_max is not None and graph.startswith("decoder."):
+            ranges["tokens"] = (1, min(ranges["tokens"][1], tokens_max), tokens_max)
+        profiles = engine_profiles(entry, ranges)
+        onnx_bytes = onnx.load(str(copy / entry["file"])).SerializeToString()  # weights inline, as in an engine
+        data = serialize_engine(onnx_bytes, version=header_version or version,
                                 compute_capabilities=[cc], profiles=profiles, dtypes=dtypes, device_memory=device_memory)
         (copy / f"{graph}.engine").write_bytes(data)
         engines[graph] = {"file": f"{graph}.engine", "sha256": sha256_file(copy / f"{graph}.engine"), "bytes": len(data)}
@@ -91,8 +97,16 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[FakeCuda, Sim
     return cuda, module
 
 
-@pytest.mark.parametrize("name", ["1.5-vl", "next-vl"])
+def engine_graphs(directory: Path) -> list[str]:
+    """The graphs that have engines, in running order (the order the backend loads them)."""
+    return [g for g in Build.from_directory(directory).graph_names if g not in ENGINELESS]
+
+
+@pytest.mark.parametrize("name", ["1.5-l", "1.5-v", "next-vl"])
 def test_backend_bookkeeping_through_a_fake_tensorrt(name: str, fake, build_dir, photo_files, tmp_path: Path) -> None:
+    """Greedy and sampled tokens equal ONNX Runtime's: FiCoCo-L (decoder.0, reduce.1, decoder.1), FiCoCo-V (decoder.0
+    only), and LLaVA-NeXT (crops, newline rows). The fake computes every output from the device memory the backend
+    bound, so the in-place rows, their pitch and past_length are what is tested."""
     cuda, module = fake
     build = build_dir(name)
     engines = with_engines(build, tmp_path)
@@ -103,32 +117,61 @@ def test_backend_bookkeeping_through_a_fake_tensorrt(name: str, fake, build_dir,
             expected = reference(photo_files[photo], "Describe the image.", max_new_tokens=12)
             result = pipe(photo_files[photo], "Describe the image.", max_new_tokens=12)
             assert result.token_ids == expected.token_ids and result.text == expected.text, photo
-            assert result.cache_lengths == expected.cache_lengths  # read from get_tensor_shape
+            assert result.cache_lengths == expected.cache_lengths
             generated.append(result.tokens.generated)
         settings = {"max_new_tokens": 12, "temperature": 1.2, "top_k": 50, "seed": 4}
         sampled = pipe(photo_files["coffee"], "What is this?", **settings)
         assert sampled.token_ids == reference(photo_files["coffee"], "What is this?", **settings).token_ids
         generated.append(sampled.tokens.generated)
-        assert [engine.runs for engine in module.engines] == [3, 3, sum(n - 1 for n in generated)]  # vision, prefill, decode
-        steps = bench.decode_step_ms(pipe, (1500, 2000), repeats=2, warmup=1)
-        assert set(steps) == {1500, 2000} and min(steps.values()) > 0
-    assert module.loaded_from == ["mmap"] * 3, "engines are deserialized from a memory map, not a bytes copy"
+        graphs, steps = engine_graphs(engines), sum(n - 1 for n in generated)
+        assert names.EMBED not in pipe.backend.engines and list(pipe.backend.engines) == graphs
+        runs = {g: 3 + steps if g.startswith("decoder.") else 3 for g in graphs}  # prefills (+ decode steps)
+        runs[names.VISION] = len(PHOTOS) + 1
+        assert dict(zip(graphs, (engine.runs for engine in module.engines))) == runs
+        timings = bench.decode_step_ms(pipe, (1500, 2000), repeats=2, warmup=1)
+        assert set(timings) == {1500, 2000} and min(timings.values()) > 0
+    assert module.loaded_from == ["mmap"] * len(graphs), "engines are deserialized from a memory map, not a bytes copy"
     assert cuda.blocks == {} and cuda.closed, "close() frees every buffer and destroys the stream"
 
 
-def test_cache_sets_alternate_and_capacity_is_checked(fake, build_dir, tmp_path: Path) -> None:
-    engines = with_engines(build_dir("1.5-vl"), tmp_path)
-    with Pipeline.from_build(engines, backend="tensorrt") as pipe:
-        backend = pipe.backend
-        features = backend.vision(np.zeros((1, 3, 336, 336), np.float32))
-        logits, cache = backend.prefill(np.array([[1, 5]]), features, np.array([[7, 8, 9]]))
-        assert logits.shape == (749,) and cache.index == 0
-        assert cache.lengths == pipe.build.cache_lengths(2 + 288 + 3) == (293,) * 5 + (149,) * 3
-        _, second = backend.decode(int(logits.argmax()), 293, cache)
-        _, third = backend.decode(3, 294, second)
-        assert (second.index, third.index) == (1, 0) and third.lengths == tuple(n + 2 for n in cache.lengths)
-        with pytest.raises(ValueError, match="below 2048"):
+def _download(backend, pointer: int, shape: tuple[int, ...]) -> np.ndarray:
+    host = np.empty(shape, backend.cache_dtype)
+    backend.cuda.download(host, pointer)
+    backend.cuda.sync()
+    return host
+
+
+def test_cache_rows_are_written_in_place(fake, build_dir, tmp_path: Path) -> None:
+    """After a prefill and two decode steps, every layer's buffer holds ONNX Runtime's rows at rows 0 .. len_i - 1
+    (the layout [1, Hkv, capacity_i, Dh]) and zeros after them; the one cache object is updated in place."""
+    cuda, _ = fake
+    build = build_dir("1.5-l")
+    with Pipeline.from_build(build, backend="onnxruntime") as reference, \
+            Pipeline.from_build(with_engines(build, tmp_path), backend="tensorrt") as pipe:
+        backend, ort, b = pipe.backend, reference.backend, pipe.build
+        pixels = np.random.default_rng(0).normal(size=(1, 3, 336, 336)).astype(np.float32)
+        before, after, prompt = np.array([[1, 5]]), np.array([[7, 8, 9]]), 2 + b.visual_tokens + 3
+        outputs = [ort.prefill(before, ort.vision(pixels), after), backend.prefill(before, backend.vision(pixels), after)]
+        for step in range(2):
+            token = int(outputs[0][0].argmax())
+            np.testing.assert_allclose(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
+            outputs = [ort.decode(token, prompt + step, outputs[0][1]), backend.decode(token, prompt + step, outputs[1][1])]
+        (_, expected), (_, cache) = outputs
+        assert cache is backend.cache and cache.capacities == b.capacities() == (2048,) * 5 + (1760,) * 3
+        assert backend.cache_lengths(cache) == ort.cache_lengths(expected) == tuple(n + 2 for n in b.cache_lengths(prompt))
+        for i in range(b.layers):
+            for pointer, rows in ((cache.keys[i], expected.keys[i]), (cache.values[i], expected.values[i])):
+                buffer = _download(backend, pointer, rows.shape)
+                np.testing.assert_allclose(buffer[:, :, :cache.lengths[i]], rows[:, :, :cache.lengths[i]], rtol=1e-5, atol=1e-5)
+                assert not buffer[:, :, cache.lengths[i]:].any(), f"layer {i}: rows written past its length"
+        with pytest.raises(ValueError, match="need 8 cache lengths"):
+            backend.empty_cache((5,) * 7)
+        with pytest.raises(BackendError, match="layer 0's cache holds 2048 tokens"):
             backend.empty_cache((2048,) * 8)
+        assert backend.empty_cache((300,) * 8) is cache and cache.lengths == [300] * 8
+        blocks = len(cuda.blocks)
+        backend.decode(3, 300, cache)
+        assert len(cuda.blocks) == blocks and cache.lengths == [301] * 8, "a step allocates nothing"
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -141,7 +184,7 @@ def test_engines_with_fp16_bf16_and_int32_tensors(floats: str, ints: str, cosine
                                                   tmp_path: Path) -> None:
     """Engine I/O in fp16 / bf16 floats and int32 ids: the backend converts on the host and sizes buffers by the
     engine's types. Rounding makes them differ from fp32, so the test asks for close values, not equal tokens."""
-    build = build_dir("1.5-vl")
+    build = build_dir("1.5-l")
     dtypes = io_dtypes(json.loads((build / "manifest.json").read_text()), floats, ints)
     engines = with_engines(build, tmp_path, dtypes=dtypes)
     with Pipeline.from_build(build, backend="onnxruntime") as reference, Pipeline.from_build(engines, backend="tensorrt") as pipe:
@@ -151,10 +194,11 @@ def test_engines_with_fp16_bf16_and_int32_tensors(floats: str, ints: str, cosine
         features, kept = pipe.backend.vision_outputs()
         logits, cache = pipe.backend.prefill(ids.before, features_pointer, ids.after)
         assert logits.dtype == np.float32 and _cosine(logits, expected) >= cosine, _cosine(logits, expected)
-        assert features.dtype == np.float32 and features.shape == (1, 288, 128) and kept.shape == (1, 288)
-        assert cache.lengths == reference.build.cache_lengths(ids.length(288))
+        n = reference.build.visual_tokens
+        assert features.dtype == np.float32 and features.shape == (n, 128) and kept.shape == (1, n)
+        assert pipe.backend.cache_lengths(cache) == reference.build.cache_lengths(ids.length(n))
         result = pipe(photo_files["astronaut"], "Describe the image.", max_new_tokens=6)
-        assert result.cache_lengths == cache.lengths and 1 <= len(result.token_ids) <= 6
+        assert result.cache_lengths == reference.build.cache_lengths(ids.length(n)) and 1 <= len(result.token_ids) <= 6
 
 
 # --- choosing TensorRT, and checking engines against the device -------------------------------------------
@@ -162,8 +206,8 @@ def test_engines_with_fp16_bf16_and_int32_tensors(floats: str, ints: str, cosine
 
 def test_auto_prefers_tensorrt_only_when_everything_is_there(fake, build_dir, tmp_path: Path, monkeypatch, capsys) -> None:
     cuda, _ = fake
-    plain = Build.from_directory(without_engines(build_dir("1.5-vl"), tmp_path))
-    engines = Build.from_directory(with_engines(build_dir("1.5-vl"), tmp_path))
+    plain = Build.from_directory(without_engines(build_dir("1.5-l"), tmp_path))
+    engines = Build.from_directory(with_engines(build_dir("1.5-l"), tmp_path))
     assert backend_module.resolve("auto", engines) == "tensorrt" and capsys.readouterr().err == ""
     assert backend_module.resolve("auto", plain) == "onnxruntime"  # no engines in the build
     assert capsys.readouterr().err.count("\n") == 1  # a GPU is there: one line says why not TensorRT
@@ -199,7 +243,7 @@ def test_engines_that_do_not_fit_the_device(installed: str, gpu: str, message: s
     """--backend tensorrt refuses in one line naming the rebuild command; auto falls back with one line."""
     cuda = FakeCuda(compute_capability=gpu)
     install(monkeypatch, cuda, fake_trt_module(cuda, version=installed))
-    build = Build.from_directory(with_engines(build_dir("1.5-vl"), tmp_path))
+    build = Build.from_directory(with_engines(build_dir("1.5-l"), tmp_path))
     with pytest.raises(EngineMismatchError, match=message) as info:
         backend_module.resolve("tensorrt", build)
     assert f"--from-onnx {build.directory} --backend tensorrt" in str(info.value) and "\n" not in str(info.value)
@@ -211,14 +255,14 @@ def test_engines_that_do_not_fit_the_device(installed: str, gpu: str, message: s
 def test_unsupported_tensorrt_is_refused_at_run_time(build_dir, tmp_path: Path, monkeypatch) -> None:
     cuda = FakeCuda()
     install(monkeypatch, cuda, fake_trt_module(cuda, version="8.6.2"))
-    build = Build.from_directory(with_engines(build_dir("1.5-vl"), tmp_path))
+    build = Build.from_directory(with_engines(build_dir("1.5-l"), tmp_path))
     with pytest.raises(BackendNotInstalledError, match="tensorrt 8.6.2 is not supported.*JetPack 6.0 ships TensorRT 8.6"):
         backend_module.resolve("tensorrt", build)
 
 
 def test_on_a_jetson_the_hint_is_from_onnx(build_dir, tmp_path: Path, monkeypatch) -> None:
     """RTX engines copied to a Jetson: TensorRT-RTX does not exist there, so the hint is to compile with JetPack's."""
-    build = Build.from_directory(with_engines(build_dir("1.5-vl"), tmp_path, flavour="tensorrt-rtx"))
+    build = Build.from_directory(with_engines(build_dir("1.5-l"), tmp_path, flavour="tensorrt-rtx"))
     monkeypatch.setattr(backend_module, "has_module", lambda name: not name.startswith("tensorrt_rtx"))
     tegra = tmp_path / "nv_tegra_release"
     monkeypatch.setattr(errors, "TEGRA_RELEASE", tegra)
@@ -267,22 +311,22 @@ def _fake_cudart(insufficient: bool = False) -> SimpleNamespace:
 
 
 def test_rtx_runtime_cache_and_kernel_specialization(build_dir, photo_files, tmp_path: Path, monkeypatch) -> None:
-    """The JIT kernel cache lives in the user cache directory and makes a second start compile nothing; decode
-    (a new cache length at every step) never compiles a shape-specialized kernel; the build is never written."""
+    """The JIT kernel cache lives in the user cache directory and makes a second start compile nothing; decode (the
+    same shapes at every step: one token, the whole buffers) compiles one kernel per segment; the build is never written."""
     cache_root = tmp_path / "user-cache"
     monkeypatch.setenv("FICOCO_CACHE", str(cache_root))
     cuda = FakeCuda()
     module = fake_trt_module(cuda, version="1.7.1", rtx=True)
     install(monkeypatch, cuda, module)
-    engines = with_engines(build_dir("1.5-vl"), tmp_path, flavour="tensorrt-rtx")
+    engines = with_engines(build_dir("1.5-l"), tmp_path, flavour="tensorrt-rtx")
     before = tree_digest(engines)
     with Pipeline.from_build(engines, backend="tensorrt") as pipe:
         contexts = {g: e.context for g, e in pipe.backend.engines.items()}
-        assert contexts[names.DECODE].config.dynamic_shapes_kernel_specialization_strategy == Strategy.NONE
-        assert contexts[names.PREFILL].config.dynamic_shapes_kernel_specialization_strategy == Strategy.LAZY
+        assert set(contexts) == {names.VISION, "decoder.0", "reduce.1", "decoder.1"}
+        assert {c.config.dynamic_shapes_kernel_specialization_strategy for c in contexts.values()} == {Strategy.LAZY}
         first = pipe(photo_files["coffee"], "Describe the image.", max_new_tokens=10)
-        assert first.tokens.generated > 1 and module.compiles == 2  # vision's one shape, prefill's one prompt shape
-    assert sorted(p.name.split("-")[0] for p in (cache_root / "tensorrt-rtx").iterdir()) == ["decode", "prefill", "vision"]
+        assert first.tokens.generated > 1 and module.compiles == 6  # vision; reduce.1's prompt; each segment's prompt and q = 1
+    assert sorted(p.name.split("-")[0] for p in (cache_root / "tensorrt-rtx").iterdir()) == ["decoder.0", "decoder.1", "reduce.1", "vision"]
     assert tree_digest(engines) == before, "the runtime cache must not be written into the build"
     module.compiles = 0
     with Pipeline.from_build(engines, backend="tensorrt") as pipe:
@@ -292,14 +336,14 @@ def test_rtx_runtime_cache_and_kernel_specialization(build_dir, photo_files, tmp
 
 def test_load_failures_are_one_line_and_release_what_was_allocated(fake, build_dir, tmp_path: Path, monkeypatch) -> None:
     cuda, _ = fake
-    mismatch = with_engines(build_dir("1.5-vl"), tmp_path, header_version="10.3.1")  # the manifest says 10.3.0
+    mismatch = with_engines(build_dir("1.5-l"), tmp_path, header_version="10.3.1")  # the manifest says 10.3.0
     with pytest.raises(BuildError, match=r"cannot load .*vision.engine.*10.3.1.*--from-onnx") as info:
         Pipeline.from_build(mismatch, backend="tensorrt")
     assert "\n" not in str(info.value) and cuda.blocks == {} and cuda.closed
     small = FakeCuda(memory=1 << 10)
     install(monkeypatch, small, fake_trt_module(small))
     with pytest.raises(BackendError, match="execution context for vision: out of GPU memory"):
-        Pipeline.from_build(with_engines(build_dir("1.5-vl"), tmp_path / "oom"), backend="tensorrt")
+        Pipeline.from_build(with_engines(build_dir("1.5-l"), tmp_path / "oom"), backend="tensorrt")
     assert small.blocks == {} and small.closed
 
 
@@ -327,15 +371,13 @@ def _logits_read_before_sync(self):
     return row
 
 
-_BIND_OUTPUTS = backend_trt.TensorRTBackend._bind_outputs
+_OUTPUT = backend_trt.TensorRTBackend._output
 
 
-def _shapes_for_outputs_too(self, graph, target):
-    context = self.engines[graph].context
-    for name in names.cache_names(names.present, self.build.layers):  # broken: outputs are not inputs
-        if not context.set_input_shape(name, tuple(context.get_tensor_shape(name))):
-            raise BackendError(f"{graph}: TensorRT refused the shape of {name}")
-    return _BIND_OUTPUTS(self, graph, target)
+def _shapes_for_outputs_too(self, graph, name, expected, pointer, free=()):
+    if not self.engines[graph].context.set_input_shape(name, tuple(expected)):  # broken: outputs are not inputs
+        raise BackendError(f"{graph}: TensorRT refused the shape of {name}")
+    return _OUTPUT(self, graph, name, expected, pointer, free)
 
 
 def _load_unchecked(trt, runtime, logger, build, graph, flavour):
@@ -346,8 +388,28 @@ def _context_unchecked(engine, config, logger, graph):
     return engine.create_execution_context(config) if config is not None else engine.create_execution_context()
 
 
-def _empty_cache_without_memset(self, lengths):
-    return backend_trt.TrtCache(0, tuple(lengths))  # broken: relies on cudaMalloc'd memory being zero
+_ALLOCATE_CACHE, _WRITE_ROWS, _SEGMENT = (getattr(backend_trt.TensorRTBackend, n) for n in ("_allocate_cache", "_write_rows", "_segment"))
+
+
+def _cache_not_zeroed(self):
+    self.cuda.memset = lambda pointer, nbytes: None  # broken: relies on cudaMalloc'd memory being zero
+    try:
+        _ALLOCATE_CACHE(self)
+    finally:
+        del self.cuda.memset
+
+
+def _rows_one_off(self, graph, layers, q):
+    copy2d, row = self.cuda.copy2d, self.row
+    self.cuda.copy2d = lambda dst, *rest: copy2d(dst + row, *rest)  # broken: the new rows land one row further on
+    try:
+        _WRITE_ROWS(self, graph, layers, q)
+    finally:
+        del self.cuda.copy2d
+
+
+def _past_length_one_more(self, graph, last, layers, q, io, past_length):
+    return _SEGMENT(self, graph, last, layers, q, io, past_length + 1)  # broken: one stale row more in the past
 
 
 def _generate(pipe, reference, photo_files) -> None:
@@ -363,25 +425,40 @@ def _empty_decode(pipe, reference, photo_files) -> None:
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def _same_logits(pipe, reference, photo_files) -> None:
+    """The prefill's and three decode steps' logits, step by step, against ONNX Runtime's."""
+    pixels, ids = reference.prepare(photo_files["coffee"], LONG_PROMPT, 4)
+    ours, theirs = pipe.backend, reference.backend
+    logits = [theirs.prefill(ids.before, theirs.vision(pixels.pixel_values), ids.after),
+              ours.prefill(ids.before, ours.vision(pixels.pixel_values), ids.after)]
+    for position in range(ids.length(pipe.build.visual_tokens), ids.length(pipe.build.visual_tokens) + 4):
+        np.testing.assert_allclose(logits[1][0], logits[0][0], rtol=1e-4, atol=1e-4, err_msg=f"before position {position}")
+        token = int(logits[0][0].argmax())
+        logits = [theirs.decode(token, position, logits[0][1]), ours.decode(token, position, logits[1][1])]
+
+
 # (strictness, what is broken, engines' options, scenario, what the correct backend raises, what catches the broken one)
 BROKEN = {
-    "profile": ("_set_input", _ignore_shape_result, {"text_max": 16}, _generate,
-                (BackendError, r"input_ids_after shape \[1, \d+\] is outside the engine's profile \[1, 1\]..\[1, 16\]"),
-                (BackendError, r"prefill: present.0.key has shape \[1, 2, -1, 32\]")),  # the refused shape stays unset
+    "profile": ("_set_input", _ignore_shape_result, {"tokens_max": 16}, _generate,
+                (BackendError, r"decoder.0: input hidden_states shape \[1, \d+, 128\] is outside the engine's profile "
+                               r"\[1, 1, 128\]..\[1, 16, 128\]"),
+                (BackendError, r"decoder.0: present.0.key has shape \[1, 2, -1, 32\]")),  # the refused shape stays unset
     "alignment": ("_malloc", _unaligned_malloc, {}, _generate, None,
                   (BackendError, r"refused the address 0x[0-9a-f]+ of pixel_values")),
     "dtype": ("_host", _host_ignoring_engine_dtype, {"ints": "INT32"}, _generate, None,
-              (AssertionError, r"input_ids_before: device bytes hold int64 but the tensor is int32")),
+              (AssertionError, r"position_ids: device bytes hold int64 but the tensor is int32")),
     "async": ("_logits", _logits_read_before_sync, {}, _generate, None,
               (AssertionError, r"the answer differs from ONNX Runtime's")),
-    "output shape": ("_bind_outputs", _shapes_for_outputs_too, {}, _generate, None,
+    "output shape": ("_output", _shapes_for_outputs_too, {}, _generate, None,
                      (BackendError, r"TensorRT refused the shape of present.0.key")),
     "deserialize None": (("module", "_load"), _load_unchecked, {"header_version": "10.4.0"}, None,
                          (BuildError, r"cannot load"), (AttributeError, r"'NoneType' object has no attribute")),
     "context None": (("module", "_context"), _context_unchecked, {"device_memory": 1 << 40}, _generate,
                      (BackendError, r"out of GPU memory"), (AttributeError, r"'NoneType' object has no attribute")),
-    "not zeroed": ("empty_cache", _empty_cache_without_memset, {}, _empty_decode, None,
-                   (AssertionError, r"reads device memory that was never written")),
+    "not zeroed": ("_allocate_cache", _cache_not_zeroed, {}, _empty_decode, None,
+                   (AssertionError, r"past.0.key: reads device memory that was never written")),
+    "row offset": ("_write_rows", _rows_one_off, {}, _same_logits, None, (AssertionError, r"Not equal to tolerance")),
+    "past length": ("_segment", _past_length_one_more, {}, _same_logits, None, (AssertionError, r"Not equal to tolerance")),
 }
 
 
@@ -393,7 +470,7 @@ def test_the_fake_catches_a_broken_backend(check: str, broken: bool, fake, build
     if broken:
         where, attribute = (backend_trt, target[1]) if isinstance(target, tuple) else (backend_trt.TensorRTBackend, target)
         monkeypatch.setattr(where, attribute, replacement)
-    build = build_dir("1.5-vl")
+    build = build_dir("1.5-l")
     options = dict(options)
     if "ints" in options:
         options["dtypes"] = io_dtypes(json.loads((build / "manifest.json").read_text()), "FLOAT", options.pop("ints"))
@@ -457,10 +534,10 @@ def test_tensorrt_engines_on_a_gpu(build_dir, photo_files, tmp_path: Path) -> No
     from export.build import main
 
     copy = tmp_path / "gpu-build"
-    shutil.copytree(build_dir("1.5-vl"), copy)
+    shutil.copytree(build_dir("1.5-l"), copy)
     with contextlib.redirect_stdout(io.StringIO()) as log:
         assert main(["--from-onnx", str(copy), "--backend", "auto"]) == 0, log.getvalue()
-    reference = Pipeline.from_build(build_dir("1.5-vl"), backend="onnxruntime")
+    reference = Pipeline.from_build(build_dir("1.5-l"), backend="onnxruntime")
     with reference, Pipeline.from_build(copy, backend="tensorrt") as pipe:
         assert pipe.backend.name.startswith("tensorrt")
         for photo in PHOTOS:

@@ -39,12 +39,16 @@ def test_llava_1_5_7b_is_8_45_tflops_with_576_visual_and_60_text_tokens():
     assert count.prefill / 1e12 == pytest.approx(8.45, abs=0.005)
 
 
-def test_llava_next_counts_five_crops_of_576_tokens():
-    count = flops.count(flops.load_model_config("llava-v1.6-vicuna-7b"))
-    assert (count.crops, count.visual_tokens) == (5, 2880)  # 2x2 grid + base crop, no newline tokens
-    assert count.prefill / 1e12 == pytest.approx(42.61, abs=0.01)
-    three = flops.count(flops.load_model_config("llava-v1.6-vicuna-7b"), grid=(1, 2))
-    assert (three.crops, three.visual_tokens) == (3, 1728)
+def test_llava_next_counts_five_crops_of_576_tokens_and_the_newlines():
+    """As a build lays them out (and its manifest counts them): 2x2 grid + base crop, one image_newline per grid row."""
+    config = flops.load_model_config("llava-v1.6-vicuna-7b")
+    count = flops.count(config)
+    assert (count.crops, count.visual_tokens) == (5, 5 * 576 + 2)
+    text = flops.F.text_of(config["text_config"])
+    assert count.prefill == flops.F.prefill_flops(text, 60, 2882, {})
+    assert count.prefill / 1e12 == pytest.approx(42.64, abs=0.005)
+    three = flops.count(config, grid=(1, 2))
+    assert (three.crops, three.visual_tokens) == (3, 3 * 576 + 1)
 
 
 def test_llava_1_5_13b_follows_the_shapes():
@@ -83,9 +87,12 @@ def test_ficoco_l_cannot_reach_1_5_tflops_and_says_so():
         flops.tokens_for_budget(flops.load_model_config("llava-1.5-7b"), 1.5, "l")
 
 
-def test_llava_next_budget_is_per_crop():
+def test_llava_next_budget_is_per_crop_and_counts_the_newlines():
+    """2.9 TFLOPs: 31 tokens per crop, 5 x 31 + 2 newlines = 157 visual tokens (32 per crop, 162, does not fit)."""
     config = flops.load_model_config("llava-v1.6-vicuna-7b")
-    assert flops.tokens_for_budget(config, 2.9, "v") == 32  # 5 crops x 32 = 160 visual tokens
+    text = flops.F.text_of(config["text_config"])
+    assert flops.tokens_for_budget(config, 2.9, "v") == 31
+    assert flops.F.prefill_flops(text, 60, 5 * 31 + 2, {}) <= 2.9e12 < flops.F.prefill_flops(text, 60, 5 * 32 + 2, {})
 
 
 def test_vl_schedule_matches_ficoco_config():
@@ -119,13 +126,14 @@ def test_cli_prints_vanilla_budgets_and_schedule(capsys):
 
 
 def test_onnx_graphs_agree_with_the_analytic_count(small_build, small_source):
-    """vision.onnx / prefill.onnx MatMul+Gemm FLOPs vs ficoco.flops: within 1%, and the rest fully explained."""
+    """vision.onnx / decoder.0.onnx MatMul+Gemm FLOPs vs ficoco.flops: within 1%, and the rest fully explained."""
     rows = {row.graph: row for row in flops.cross_check(small_build, model=small_source)}
     vision, prefill = rows["vision"], rows["prefill"]
     assert abs(vision.relative) < 0.01 and abs(prefill.relative) < 0.001
     for row in rows.values():
         assert abs(row.unexplained) <= 1e-9 * row.analytic, (row.graph, row.terms, row.unexplained)
     assert set(prefill.terms) == {"LM head on the last position"}
+    assert list(prefill.graphs) == ["decoder.0"] and prefill.onnx == prefill.graphs["decoder.0"]  # no FiCoCo-L: one segment
     assert vision.conv > 0  # the patch embedding, outside the convention
 
 
@@ -134,6 +142,37 @@ def test_onnx_cross_check_follows_the_text_length(small_build, small_source):
     assert long.onnx > short.onnx
     for row in (short, long):
         assert abs(row.unexplained) <= 1e-9 * row.analytic
+
+
+def test_prefill_dims_follow_the_segments():
+    """decoder.s runs on the prompt less what s FiCoCo-L steps removed, over empty past buffers."""
+    schedule = {"visual_tokens": 290, "language": [[4, 290, 200], [8, 200, 100]]}
+    assert flops.prefill_dims(schedule, 5, 55) == {
+        "decoder.0": {"tokens": 350, "capacity": 0}, "reduce.1": {"tokens": 350, "text_before": 5},
+        "decoder.1": {"tokens": 260, "capacity": 0}, "reduce.2": {"tokens": 260, "text_before": 5},
+        "decoder.2": {"tokens": 160, "capacity": 0}}
+
+
+def test_llava_next_ficoco_l_chain_agrees_with_the_analytic_count(build_dir, preset_dirs):
+    """LLaVA-NeXT FiCoCo-VL: decoder.0 + reduce.1 + decoder.1 (newline tokens in the visual span) against
+    ficoco.flops, every difference itemised; and the manifest's FLOPs are the script's count."""
+    build, source = build_dir("next-vl"), preset_dirs["tiny-llava-next"]
+    manifest = json.loads((build / "manifest.json").read_text())
+    schedule = manifest["schedule"]
+    assert schedule["newline_rows"] > 0 and schedule["language"]
+    rows = {row.graph: row for row in flops.cross_check(build, model=source)}
+    prefill = rows["prefill"]
+    assert list(prefill.graphs) == ["decoder.0", "reduce.1", "decoder.1"]
+    assert prefill.graphs["reduce.1"] > 0  # FiCoCo-L's own products: in the graph, not in the convention
+    assert "FiCoCo-L merges (alpha^T X_S)" in prefill.terms
+    for row in rows.values():
+        assert abs(row.unexplained) <= 1e-9 * row.analytic, (row.graph, row.terms, row.unexplained)
+    config = flops.load_model_config(source)
+    tokens = round(manifest["ficoco"]["ratio"] * schedule["patches_per_crop"])
+    count = flops.count(config, "vl", tokens, grid=tuple(schedule["grid"]))
+    assert json.loads(json.dumps(count.plan.to_dict())) == schedule and count.visual_tokens == schedule["visual_tokens"]
+    assert manifest["flops"]["tflops"]["prefill"] == pytest.approx(count.prefill / 1e12, rel=1e-12)
+    assert manifest["flops"]["tflops"]["vision"] == pytest.approx(count.vision / 1e12, rel=1e-12)
 
 
 def test_manifest_flops_match_the_script(small_build, small_source):
@@ -146,5 +185,5 @@ def test_manifest_flops_match_the_script(small_build, small_source):
 
 
 def test_unbound_dynamic_dims_are_an_error(small_build):
-    with pytest.raises(ValueError, match="text_before"):
-        flops.graph_flops(small_build / "prefill.onnx", {})
+    with pytest.raises(ValueError, match="tokens"):
+        flops.graph_flops(small_build / "decoder.0.onnx", {"capacity": 0})
