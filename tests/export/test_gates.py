@@ -16,11 +16,12 @@ import onnx
 import pytest
 import torch
 
-from export import gates, pipeline, verify
-from export.graphs import GraphCache, PrefillGraph, graph_set
+from export import gates, pipeline, segments, verify
+from export.graphs import graph_set
 from export.request import BuildRequest
-from ficoco.patch import llama
+from ficoco.core import language_step
 from runtime import names
+from runtime.manifest import read
 
 # --------------------------------------------------------------------------- the limits
 
@@ -76,13 +77,13 @@ class Reference:
     def __init__(self, model_dir, variant: str, ratio: float, build, tmp_path):
         self.request = BuildRequest(model=str(model_dir), variant=variant, ratio=ratio)
         self.model, self.processor, _ = pipeline.load_model(self.request)
-        self.plan, self.layout = pipeline.patch(self.model, self.processor, self.request)
-        self.graphs = graph_set(self.model, self.plan, self.layout)
+        self.patch_plan, self.plan = pipeline.patch(self.model, self.processor, self.request)
+        self.graphs = graph_set(self.model, self.patch_plan, self.plan)
+        self.embedding = read(build)["embedding"]
         self.directory = tmp_path / "broken"
         self.directory.mkdir()
-        for graph in names.GRAPHS:
-            for path in build.glob(f"{graph}.onnx*"):
-                shutil.copy(path, self.directory / path.name)
+        for path in build.glob("*.onnx*"):
+            shutil.copy(path, self.directory / path.name)
 
     def export(self, graphs, graph: str) -> None:
         sample = verify.make_sample(self.processor, self.model.config.image_token_id, verify.COMPARE_PROMPTS[0])
@@ -90,25 +91,27 @@ class Reference:
         pipeline.export_graph(graphs, graph, args[graph], self.directory, self.request.max_seq_len, False)
 
     def verify(self) -> dict:
-        return verify.verify(self.directory, self.model, self.processor, self.graphs, "fp32")
+        return verify.verify(self.directory, self.model, self.processor, self.graphs, "fp32", self.embedding)
 
 
 def rope_off_by_one(ref: Reference) -> None:
     """Decoder layer 2 rotates its queries and keys for position p + 1 (cos/sin advanced by one step)."""
     decoder = ref.model.model.language_model
     theta = torch.cat([decoder.rotary_emb.inv_freq] * 2)
+    original = segments.buffer_attention
 
-    def shift(module, args, kwargs):
-        cos, sin = kwargs["position_embeddings"]
-        c, s = torch.cos(theta).to(cos.dtype), torch.sin(theta).to(cos.dtype)
-        kwargs["position_embeddings"] = (cos * c - sin * s, sin * c + cos * s)
-        return args, kwargs
+    def shifted(attn, x, cos_sin, *args):
+        if attn.layer_idx == 2:
+            cos, sin = cos_sin
+            c, s = torch.cos(theta).to(cos.dtype), torch.sin(theta).to(cos.dtype)
+            cos_sin = (cos * c - sin * s, sin * c + cos * s)
+        return original(attn, x, cos_sin, *args)
 
-    handle = decoder.layers[2].self_attn.register_forward_pre_hook(shift, with_kwargs=True)
+    segments.buffer_attention = shifted
     try:
-        ref.export(ref.graphs, names.PREFILL)
+        ref.export(ref.graphs, names.decoder(0))
     finally:
-        handle.remove()
+        segments.buffer_attention = original
 
 
 def kv_head_swapped(ref: Reference) -> None:
@@ -119,55 +122,50 @@ def kv_head_swapped(ref: Reference) -> None:
     with torch.no_grad():
         proj.weight[:dim], proj.weight[dim : 2 * dim] = original[dim : 2 * dim], original[:dim]
     try:
-        ref.export(ref.graphs, names.PREFILL)
+        ref.export(ref.graphs, names.decoder(0))
     finally:
         with torch.no_grad():
             proj.weight.copy_(original)
 
 
 def keep_count_off_by_one(ref: Reference) -> None:
-    """FiCoCo-L keeps one token more than the schedule says."""
-    kept = ref.plan.language_steps(ref.layout.visual_tokens)[-1].tokens_out
+    """FiCoCo-L keeps one token more than the schedule says (reduce.1 exported from the wrong plan)."""
+    kept = ref.plan.language[-1].tokens_out
     wrong = BuildRequest(model=ref.request.model, variant=ref.request.variant, tokens=kept + 1)
-    plan, layout = pipeline.patch(ref.model, ref.processor, wrong)
+    patch_plan, plan = pipeline.patch(ref.model, ref.processor, wrong)
     try:
-        ref.export(graph_set(ref.model, plan, layout), names.PREFILL)
+        ref.export(graph_set(ref.model, patch_plan, plan), names.reduce(1))
     finally:
         pipeline.patch(ref.model, ref.processor, ref.request)  # the reference's own forward again
 
 
-class ShiftedSpanPrefill(PrefillGraph):
-    """PrefillGraph.forward with the FiCoCo-L span starting one token late (the defect)."""
+class ShiftedSpanReduce(segments.ReduceGraph):
+    """ReduceGraph.forward with the FiCoCo-L span starting one token late (the defect)."""
 
-    def forward(self, input_ids_before, image_features, input_ids_after):
-        embed = self.inner.get_input_embeddings()
-        visual = self.visual(image_features)[None]
-        x = torch.cat([embed(input_ids_before), visual.to(embed.weight.dtype), embed(input_ids_after)], dim=1)
-        positions = torch.arange(x.shape[1], device=x.device)[None]
-        steps = self.plan.language_steps(self.layout.visual_tokens)
-        span = (input_ids_before.shape[1] + 1, self.layout.visual_tokens)  # defect: + 1
-        cache = GraphCache()
-        hidden = llama.decoder_forward(self.inner.language_model, x, positions, cache, steps, span, self.plan.language_params)
-        return (self.lm_head(hidden[:, -1]), *cache.flat())
+    def forward(self, attended, attention, position_ids, input_ids_before):
+        start, step = input_ids_before.shape[1] + 1, self.step  # defect: + 1
+        h, rows = language_step(attended, attention, start, step.tokens_in, step.r, self.params)
+        return h, position_ids.gather(1, rows), rows[:, start:start + step.tokens_out] - start
 
 
 def span_shifted(ref: Reference) -> None:
-    broken = graph_set(ref.model, ref.plan, ref.layout)
-    broken.prefill = ShiftedSpanPrefill(ref.model, ref.plan, ref.layout).eval()
-    ref.export(broken, names.PREFILL)
+    broken = graph_set(ref.model, ref.patch_plan, ref.plan)
+    broken.llm[names.reduce(1)] = ShiftedSpanReduce(ref.plan.language[0], ref.patch_plan.language_params).eval()
+    ref.export(broken, names.reduce(1))
 
 
 def weight_perturbed(ref: Reference) -> None:
-    """One weight tensor of prefill.onnx, the middle decoder layer's MLP down projection, scaled by 1 + 1e-3."""
-    path = ref.directory / "prefill.onnx"
-    model = onnx.load(str(path))
+    """One weight tensor of decoder.0.onnx, a middle decoder layer's MLP down projection, scaled by 1 + 1e-3."""
+    path = ref.directory / "decoder.0.onnx"
+    model = onnx.load(str(path))  # with its external data
     text = ref.model.config.text_config
     down = [t for t in model.graph.initializer if list(t.dims) == [text.intermediate_size, text.hidden_size]]
-    assert len(down) == text.num_hidden_layers, [t.name for t in model.graph.initializer]
+    assert len(down) == ref.plan.language[0].layer, [t.name for t in model.graph.initializer]  # layers 0 .. L-1
     tensor = down[len(down) // 2]
     array = onnx.numpy_helper.to_array(tensor)
     tensor.CopyFrom(onnx.numpy_helper.from_array((array * np.float32(1 + 1e-3)).astype(array.dtype), tensor.name))
-    onnx.save(model, str(path))
+    (ref.directory / "decoder.0.onnx.data").unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location="decoder.0.onnx.data")
 
 
 DEFECTS = {
