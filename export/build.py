@@ -26,7 +26,7 @@ from runtime import manifest as manifest_io
 from runtime import names
 from . import gates
 from .reload import source_entry
-from .request import BACKENDS, PRECISIONS, VARIANTS, BuildRequest, parse_capability, parse_grid
+from .request import BACKENDS, PRECISIONS, QUANT_METHODS, VARIANTS, WEIGHTS, BuildRequest, parse_capability, parse_grid
 from .from_onnx import ENGINELESS, build_engines, run_from_onnx  # engines: every build, and --from-onnx on the device
 
 
@@ -66,7 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     amount.add_argument("--tokens", type=int, help="visual tokens kept per image")
     amount.add_argument("--tflops", type=float, help="LLM prefill budget in TFLOPs (scripts/flops.py convention)")
     p.add_argument("--out", type=Path, help="build directory (default: builds/MODEL-VARIANT-rRATIO-PRECISION)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="the graphs' float type (default fp32, "
+                   "or the --weights float type)")
+    p.add_argument("--weights", default=None, choices=WEIGHTS, help="the LLM's linear weights: int8 per channel or int4 "
+                   "block-wise, weight-only (default: the precision's float)")
+    p.add_argument("--block-size", type=int, default=32, help="int4: input elements per scale (a power of two >= 16)")
+    p.add_argument("--quant-method", default="rtn", choices=QUANT_METHODS,
+                   help="rtn (round to nearest) or hqq (int4, calibration-free, slower to build)")
+    p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower's linear layers")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="TensorRT flavour for the engines")
     p.add_argument("--compute-capability", nargs="+", default=None, metavar="SM", help="TensorRT-RTX targets, e.g. 8.6 12.0")
     p.add_argument("--max-seq-len", type=int, default=2048)
@@ -84,7 +91,9 @@ def make_request(args: argparse.Namespace) -> BuildRequest:
     extra = {"compute_capabilities": capabilities} if capabilities else {}
     return BuildRequest(
         model=args.model, variant=args.variant, ratio=args.ratio, tokens=args.tokens, tflops=args.tflops, out=args.out,
-        precision=args.precision, backend=args.backend, max_seq_len=args.max_seq_len,
+        precision=args.precision or (args.weights if args.weights in ("fp32", "fp16") else "fp32"),
+        backend=args.backend, max_seq_len=args.max_seq_len, weights=args.weights, block_size=args.block_size,
+        quant_method=args.quant_method, quantize_vision=args.quantize_vision,
         allow_parity_failure=args.allow_parity_failure, verify=not args.no_verify,
         grid=parse_grid(args.grid) if args.grid else (2, 2), grid_given=args.grid is not None, **extra,
     )
@@ -144,11 +153,62 @@ def export_and_verify(request: BuildRequest, tmp: Path, progress: Progress) -> d
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
         if not parity["passed"] and not request.allow_parity_failure:
             raise VerificationError(parity)
+    quantization = None
+    if request.quantized:
+        entries, embedding, quantization = quantize_and_measure(request, tmp, graphs, entries, model, processor, progress)
     body = describe_build(request, model, processor, plan)
-    body["embedding"] = embedding
+    body["embedding"], body["quantization"] = embedding, quantization
     body["source"].update(source_entry(request.model, source))
     body["tokenizer"] = {**pipeline.copy_tokenizer(source, tmp), **body["tokenizer"]}
     return {**body, "graphs": entries, "flops": pipeline.flops_estimate(model, plan), "parity": parity}
+
+
+def quantize_and_measure(request: BuildRequest, tmp: Path, graphs, entries: dict, model, processor, progress: Progress):
+    """--weights int8/int4, after the float graphs passed their gates: quantize them in place, find the
+    embedding table again, and measure the quantized chain against the fp32 PyTorch model."""
+    from . import pipeline, quality
+    from .graphs import graph_set
+    from .quantize import quantize_build
+
+    with progress.stage(f"quantize {request.weights} ({request.quant_method}, block {request.block_size})"):
+        reports = quantize_build(tmp, list(entries), request, log=lambda line: print(line, file=progress.log))
+        for graph in reports:
+            entries[graph] = pipeline.describe(tmp / f"{graph}.onnx")
+        embedding = pipeline.embedding_entry(graphs, tmp, entries)
+    record = {"weights": request.weights, "method": request.quant_method, "block_size": request.block_size,
+              "vision": request.quantize_vision, "graphs": reports, "quality": None}
+    if request.verify:
+        with progress.stage("measure the quantized build against the fp32 PyTorch model"):
+            reference, reference_graphs = model, graphs
+            if request.precision != "fp32":
+                reference, processor, _ = pipeline.load_model(dataclasses.replace(request, precision="fp32"))
+                reference_graphs = graph_set(reference, *pipeline.patch(reference, processor, request))
+            record["quality"] = quality.measure(tmp, reference, processor, reference_graphs, embedding,
+                                                request.weights, request.quantize_vision)
+        (tmp / "quality.json").write_text(json.dumps(record["quality"], indent=2) + "\n")
+        if not record["quality"]["passed"] and not request.allow_parity_failure:
+            raise VerificationError({"passed": False, "graphs": {}, "end_to_end": {"passed": True},
+                                     "quantization": record["quality"]})
+    return entries, embedding, record
+
+
+def memory_plan(directory: Path, body: dict, request: BuildRequest) -> dict:
+    """`export.memory.memory_section` of the build in `directory` (needs the model's config only)."""
+    from ficoco.config import FiCoCoConfig
+
+    from .memory import memory_section
+
+    config = json.loads((source_dir_of(request) / "config.json").read_text())
+    f = body["ficoco"]
+    ficoco = None if body["variant"] == "none" else FiCoCoConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in f.items() if k in FiCoCoConfig.__dataclass_fields__})
+    return memory_section(directory, body, config, ficoco, tuple(body["schedule"]["grid"]) if body["schedule"]["grid"] else None)
+
+
+def source_dir_of(request: BuildRequest) -> Path:
+    from ficoco.presets import resolve_model_dir
+
+    return resolve_model_dir(request.model)
 
 
 def describe_build(request: BuildRequest, model, processor, plan) -> dict:
@@ -200,6 +260,18 @@ def summary(body: dict, progress: Progress, out: Path) -> str:
     else:
         lines.append(f"  parity: {'passed' if parity['passed'] else 'FAILED (published with --allow-parity-failure)'}")
         lines.extend(f"    {line}" for line in gates.report_lines(parity))
+    q = body.get("quantization")
+    if q:
+        lines.append(f"  weights: {q['weights']} ({q['method']}, block {q['block_size']}), "
+                     + ", ".join(f"{g} {r['quantized']} MatMul" for g, r in q["graphs"].items()))
+        if q["quality"]:
+            f = q["quality"]
+            lines.append(f"  {q['weights']} against the fp32 PyTorch model over {f['prompts']} prompts: teacher-forced agreement "
+                         f"{f['agreement']:.3f}, logits cosine {f['cosine']:.4f} (min {f['cosine_min']:.4f}), greedy match "
+                         f"{f['greedy_match']:.3f}" + (f", kept overlap {f['kept_overlap']:.3f}" if "kept_overlap" in f else "")
+                         + f" (gate {f['gate']['agreement']}, {f['gate']['cosine']}: {'passed' if f['passed'] else 'FAILED'})")
+    if body.get("memory"):
+        lines.extend(f"  {line}" for line in body["memory"]["lines"])
     tf = body["flops"]
     lines.append(f"  FLOPs: prefill {tf['tflops']['prefill']:.4f} TFLOPs (unreduced {tf['unreduced_tflops']['prefill']:.4f}, "
                  f"{tf['prefill_reduction']:.2f}x less); vision {tf['tflops']['vision']:.4f} TFLOPs")
@@ -219,7 +291,7 @@ def run_build(request: BuildRequest) -> int:
     check_targets(request, flavour)
     check_model(request)
     log = io.StringIO()
-    progress = Progress(2 + request.verify, log, per_graph=2 if flavour else 1)
+    progress = Progress(2 + request.verify + 2 * request.quantized, log, per_graph=2 if flavour else 1)
     with workspace as ws:
         try:
             body = export_and_verify(request, ws.build, progress)
@@ -227,6 +299,7 @@ def run_build(request: BuildRequest) -> int:
             (ws.build / "build.log").write_text(log.getvalue())
             raise VerificationError(error.parity, ws.keep_failed()) from None
         body["engines"], body["tensorrt"] = build_engines(ws.build, body, request, flavour, progress) if flavour else ({}, None)
+        body["memory"] = memory_plan(ws.build, body, request)
         body["libraries"] = library_versions()
         manifest_io.write(ws.build, body)
         (ws.build / "build.log").write_text(log.getvalue())

@@ -83,11 +83,27 @@ def build_engines(directory: Path, body: dict, request: BuildRequest, flavour: F
         with progress.stage(f"engine {graph} ({flavour.name})"):
             info = build_engine(spec, flavour, log=lambda line: print(line, file=progress.log), base=directory)
         commands[graph] = info.pop("trtexec")
+        info["device_memory"] = device_memory(flavour, spec.engine_path)
         engines[graph] = {"file": spec.engine_path.name, **info}  # info holds the written bytes' sha256 and size
     section = {"flavour": flavour.name, "version": flavour.version,
                "compute_capabilities": engines[names.VISION]["compute_capabilities"],
                "trtexec": commands, "trtexec_cwd": "."}
     return engines, section
+
+
+def device_memory(flavour: Flavour, path: Path) -> int | None:
+    """The engine's device memory for its optimization profile (activations and scratch, weights not
+    included), as TensorRT reports it once the engine is loaded; None where it cannot be loaded (no
+    GPU, or a compute capability this GPU lacks: the build machine of an ahead-of-time RTX build)."""
+    found = driver()
+    if found is None or found.devices < 1:
+        return None
+    trt = flavour.module
+    try:
+        engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(path.read_bytes())
+        return int(engine.get_device_memory_size_for_profile_v2(0)) if engine is not None else None
+    except Exception:  # noqa: BLE001  (a report, never a reason to fail the build)
+        return None
 
 
 def device_targets(flavour: Flavour, log: Any = print) -> tuple[str, ...]:

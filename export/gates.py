@@ -204,6 +204,10 @@ def failing_rows(record: dict) -> list[str]:
     failed = [f"{g}.{o}" for g, r in record["graphs"].items() for o, f in r["outputs"].items() if not f["passed"]]
     if not record["end_to_end"]["passed"]:
         failed.append("end-to-end tokens")
+    if record.get("quantization") and not record["quantization"]["passed"]:
+        q = record["quantization"]
+        failed.append(f"{q['weights']} quality (agreement {q['agreement']:.3f}, cosine {q['cosine']:.4f}; "
+                      f"gate {q['gate']['agreement']}, {q['gate']['cosine']})")
     return failed
 
 

@@ -320,3 +320,31 @@ def quantize_graph(src: Path, dst: Path, weights: str, block_size: int = 32, met
         weight_bytes_after=sum(b for n, b in after.items() if n not in before),
         external_data=external, seconds=round(time.perf_counter() - start, 3),
     )
+
+
+def quantize_build(directory: Path, graphs: Collection[str], request: Any, log: Any = print) -> dict:
+    """Quantize a build's decoder segments (and vision.onnx with `quantize_vision`) in place, weight-only:
+    one form per graph, the QDQ one (block-wise / per-channel DequantizeLinear + MatMul), which TensorRT
+    consumes and ONNX Runtime fuses into MatMulNBits when it loads the graph; so no weight is stored twice.
+    hqq keeps float zero points that only MatMulNBits takes: its graphs are ONNX Runtime's form.
+    A tied LM head stays float (its B is the embedding table, transposed: not an initializer of its own).
+    Returns {graph: report dict}."""
+    import shutil
+    import tempfile
+
+    form = "matmulnbits" if request.quant_method == "hqq" else "qdq"
+    targets = [g for g in graphs if g.startswith("decoder.")] + (["vision"] if request.quantize_vision else [])
+    reports = {}
+    for graph in targets:
+        src = directory / f"{graph}.onnx"
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            dst = Path(scratch) / src.name
+            report = quantize_graph(src, dst, request.weights, request.block_size, request.quant_method, form=form)
+            for old in [src, src.with_name(src.name + ".data")]:
+                old.unlink(missing_ok=True)
+            for new in Path(scratch).iterdir():
+                shutil.move(str(new), directory / new.name)
+        reports[graph] = {"quantized": len(report.quantized), "skipped": report.skipped, "form": form,
+                          "weight_bytes_before": report.weight_bytes_before, "weight_bytes_after": report.weight_bytes_after}
+        log(f"{graph}: {len(report.quantized)} MatMul quantized, {len(report.skipped)} kept float")
+    return reports

@@ -12,6 +12,8 @@ from ficoco.config import FiCoCoConfig
 
 VARIANTS = ("v", "l", "vl", "none")
 PRECISIONS = ("fp32", "fp16", "bf16")
+WEIGHTS = ("fp32", "fp16", "int8", "int4")  # int: weight-only, the LLM's linear layers (export/quantize.py)
+QUANT_METHODS = ("rtn", "hqq")
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "none")
 DEFAULT_COMPUTE_CAPABILITIES = ("8.6", "8.9", "12.0")  # Ampere RTX, Ada, Blackwell RTX
 
@@ -46,6 +48,14 @@ class BuildRequest:
     verify: bool = True  # False: --no-verify, no parity check at all
     grid: tuple[int, int] = (2, 2)
     grid_given: bool = False
+    weights: str | None = None  # None: the precision's float weights
+    block_size: int = 32  # int4: input elements per scale
+    quant_method: str = "rtn"
+    quantize_vision: bool = False  # int8/int4 also on the vision tower's linear layers
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in ("int8", "int4")
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -64,8 +74,26 @@ class BuildRequest:
             raise ValueError(f"--max-seq-len must be in [16, 131072], got {self.max_seq_len}")
         if self.precision == "bf16" and self.verify:
             raise ValueError("--precision bf16 cannot be verified on ONNX Runtime's CPU provider (no bf16 kernels); add --no-verify")
+        self._check_weights()
         if self.tflops is None:
             self.ficoco_config()  # validates ratio / tokens
+
+    def _check_weights(self) -> None:
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise ValueError(f"--weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.weights in ("fp32", "fp16") and self.weights != self.precision:
+            raise ValueError(f"--weights {self.weights} with --precision {self.precision}: float weights are the graphs' "
+                             f"precision; use --precision {self.weights}")
+        if self.quantized and self.precision == "bf16":
+            raise ValueError(f"--weights {self.weights} needs --precision fp32 or fp16 activations, got bf16")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.quant_method not in QUANT_METHODS:
+            raise ValueError(f"--quant-method must be one of {QUANT_METHODS}, got {self.quant_method!r}")
+        if self.quant_method == "hqq" and self.weights != "int4":
+            raise ValueError(f"--quant-method hqq applies to --weights int4, got --weights {self.weights}")
+        if (self.quantize_vision or self.quant_method != "rtn") and not self.quantized:
+            raise ValueError("--quantize-vision and --quant-method apply to --weights int8 / int4")
 
     def ficoco_config(self) -> FiCoCoConfig:
         """The FiCoCo setting; `none` is ratio 1 (an empty schedule) with the same static layout."""
@@ -77,7 +105,8 @@ class BuildRequest:
         name = Path(self.model).name if Path(self.model).exists() else self.model
         amount = ("" if self.variant == "none" else f"-r{self.ratio:g}" if self.ratio is not None
                   else f"-t{self.tokens}" if self.tokens is not None else f"-{self.tflops:g}tflops")
-        return Path("builds") / f"{name}-{self.variant}{amount}-{self.precision}"
+        weights = f"-{self.weights}" if self.quantized else ""
+        return Path("builds") / f"{name}-{self.variant}{amount}-{self.precision}{weights}"
 
     @property
     def out_dir(self) -> Path:

@@ -84,10 +84,11 @@ def split_prompt(input_ids: torch.Tensor, image_token_id: int) -> tuple[np.ndarr
     return input_ids[:, :start].numpy(), input_ids[:, end:].numpy()
 
 
-def make_sample(processor, image_token_id: int, instruction: str, dtype=np.float32) -> Sample:
+def make_sample(processor, image_token_id: int, instruction: str, dtype=np.float32, image=None) -> Sample:
+    """One prompt about `image` (default: export.verify's gradient picture)."""
     from PIL import Image
 
-    image = Image.linear_gradient("L").resize((500, 400)).convert("RGB")
+    image = image if image is not None else Image.linear_gradient("L").resize((500, 400)).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
@@ -356,14 +357,19 @@ class OnnxModel:
         prefill, decode, length = self.steps(sample)
         return loop.generate(prefill, decode, length, NEW_TOKENS, eos)
 
-    def teacher_forced(self, sample: Sample, reference: list[int]) -> list[int]:
-        """The graphs' argmax after the prompt and after each reference token (fed back, not their own)."""
+    def teacher_forced(self, sample: Sample, reference: list[int], keep_logits: list | None = None) -> list[int]:
+        """The graphs' argmax after the prompt and after each reference token (fed back, not their own);
+        each position's logits are appended to `keep_logits` when given."""
         prefill, decode, length = self.steps(sample)
         logits, cache = prefill()
         predicted = [loop.greedy(logits)]
         for offset, token in enumerate(reference[:-1]):
+            if keep_logits is not None:
+                keep_logits.append(np.array(logits, np.float32))
             logits, cache = decode(token, length + offset, cache)
             predicted.append(loop.greedy(logits))
+        if keep_logits is not None:
+            keep_logits.append(np.array(logits, np.float32))
         return predicted
 
 

@@ -24,8 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import FiCoCoConfig, Step, build_schedule
-from .flops import anyres_grid, config_geometry
+from .config import FiCoCoConfig, Step
+from .flops import anyres_grid
 
 GiB = 2**30
 FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -300,15 +300,12 @@ def describe(ficoco: FiCoCoConfig | None) -> str:
 
 
 def schedule_of(config: dict, ficoco: FiCoCoConfig | None, grid: tuple[int, int] | None = None):
-    """(crops, visual tokens into the LLM, vision steps, language steps) in the build layout
-    (export.graphs.Layout): crops x tokens kept per crop, plus one image_newline per row of LLaVA-NeXT's
-    anyres `grid` (default: the grid of most crops)."""
-    geometry = config_geometry(config)
-    rows_cols = anyres_grid(config, grid)
-    crops = 1 + rows_cols[0] * rows_cols[1] if rows_cols else 1
-    vision = build_schedule(ficoco, geometry).vision if ficoco else ()
-    visual = crops * (vision[-1].tokens_out if vision else geometry.patches) + (rows_cols[0] if rows_cols else 0)
-    return crops, visual, vision, build_schedule(ficoco, geometry, visual).language if ficoco else ()
+    """(crops, visual tokens into the LLM, vision steps, language steps), read from the build plan
+    (`ficoco.plan`) with LLaVA-NeXT's anyres `grid` (default: the grid of most crops)."""
+    from .plan import plan
+
+    p = plan(config, ficoco, anyres_grid(config, grid))
+    return p.crops, p.visual_tokens, p.vision, p.language
 
 
 def plan_memory(config: dict, ficoco: FiCoCoConfig | None, max_seq_len: int, weights: str = "fp16",

@@ -133,6 +133,7 @@ class OrtBackend:
                                  self.embedding(after)])[None]  # [1, P, D]
         positions = np.arange(hidden.shape[1], dtype=np.int64)[None]  # [1, P]
         cache = self.cache
+        cache.lengths[:] = [0] * self.build.layers  # a new sequence: the last one's rows are past
         cache.check_room(range(1), hidden.shape[1])  # layer 0 holds the whole prompt
         for graph, reduce, layers in self.segments:
             feeds = {names.HIDDEN_STATES: hidden, names.POSITION_IDS: positions,

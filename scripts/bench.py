@@ -225,7 +225,7 @@ class ChatModel:
         builds, source = M.chat_builds(mode, args, work, log, baseline)
         manifests = {key: read(build) for key, build in builds.items()}
         with M.quiet(log):
-            model, processor = load(source or source_dir(manifests["ficoco"]))
+            model, processor = load(source or source_dir(manifests["ficoco"], args.model))
         return cls(builds, manifests, model, processor)
 
 
@@ -295,6 +295,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, help="untimed runs before timing; default per mode")
     p.add_argument("--build", type=Path, help="an existing FiCoCo build for sections 3 and 5 (skips building the chat model)")
     p.add_argument("--baseline-build", type=Path, help="with --build: the unreduced build of the same model")
+    p.add_argument("--model", help="with --build: the checkpoint directory it was made from (not needed for a preset's build)")
     p.add_argument("--work-dir", type=Path, help="keep the exported graphs and builds here (default: a temporary directory)")
     args = p.parse_args(argv)
     mode = MODES[args.mode]
@@ -304,6 +305,8 @@ def parse_args(argv):
         p.error("--repeats and --threads must be >= 1, --warmup >= 0")
     if args.baseline_build and not args.build:
         p.error("--baseline-build needs --build")
+    if args.model and not args.build:
+        p.error("--model needs --build")
     args.sections = [name for name in SECTIONS if name in args.sections]  # running order, once each
     return args, mode
 

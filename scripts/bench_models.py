@@ -284,10 +284,11 @@ def available_bytes() -> int:
 
 @contextlib.contextmanager
 def quiet(log: io.StringIO):
-    """The exporters' chatter (prints, warnings, torch logging) goes to `log` (bench.log)."""
+    """The exporters' chatter (prints, warnings) goes to `log` (bench.log); torch's own logging is silenced
+    (its handlers write to the terminal: the exporter logs the guards of a retried trace as errors)."""
     logger = logging.getLogger("torch")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")

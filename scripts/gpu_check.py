@@ -116,7 +116,7 @@ def open_pipeline(directory: Path, kind: str) -> Pipeline:
 
 
 def vision_outputs(pipe: Pipeline, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """image_features [crops, k, D] and kept_positions [crops, k] on the host, from the pipeline's own backend."""
+    """image_features [n, D] (the prompt's layout) and kept_positions [crops, k] on the host, from the pipeline's own backend."""
     backend = pipe.backend
     if hasattr(backend, "vision_outputs"):  # TensorRT
         backend.vision(pixel_values)

@@ -98,13 +98,15 @@ def test_truncated_or_random_files_of_a_build(build_copy, image, damage):
 
 DELETE = object()
 BROKEN = {"deleted": DELETE, "null": None, "a string": "x", "negative": -1}
+GRAPHS = (names.VISION, names.decoder(0))  # graphs every build has
 # every manifest value the runtime relies on: any of BROKEN must be refused
 RELIED_ON = [
     ("schema",), ("schema_version",), ("source",), ("source", "architecture"), ("source", "text"),
-    *[("source", "text", key) for key in ("layers", "kv_heads", "head_dim", "vocab", "image_token_id", "eos_token_ids")],
+    *[("source", "text", key) for key in ("layers", "hidden", "kv_heads", "head_dim", "vocab", "image_token_id", "eos_token_ids")],
     ("schedule",), *[("schedule", key) for key in ("language", "patches_per_crop", "kept_per_crop", "crops", "visual_tokens")],
     ("precision",), ("max_seq_len",), ("preprocess",), ("preprocess", "crop_size"), ("preprocess", "size"),
-    ("graphs",), *[("graphs", g) for g in names.GRAPHS], *[("graphs", g, key) for g in names.GRAPHS for key in ("file", "sha256")],
+    ("graphs",), *[("graphs", g) for g in GRAPHS], *[("graphs", g, key) for g in GRAPHS for key in ("file", "sha256")],
+    ("embedding",), *[("embedding", key) for key in ("file", "offset", "shape", "dtype")],
     ("tokenizer",), ("tokenizer", "files"),
 ]
 
@@ -122,7 +124,7 @@ def shifted(manifest: dict) -> dict[str, tuple[tuple, object]]:
         "fp16": (("precision",), "fp16"),
         "crop height -1": (("preprocess", "crop_size"), {**crop, "height": crop["height"] - 1}),
         "LLaVA-NeXT": (("source", "architecture"), "LlavaNextForConditionalGeneration"),
-        "sha256 zeros": (("graphs", "prefill", "sha256"), "0" * 64),
+        "sha256 zeros": (("graphs", "decoder.0", "sha256"), "0" * 64),
     }
     for label, name in (("parent", "../vision.onnx"), ("absolute", "/tmp/vision.onnx"), ("subdirectory", "sub/vision.onnx"), ("empty", "")):
         cases[f"{label} file name"] = (("graphs", "vision", "file"), name)
@@ -177,8 +179,8 @@ def test_random_manifest_damage_is_refused_or_harmless(build_copy, image):
 
 
 @pytest.mark.parametrize("path, value", [
-    (("graphs",), None), (("graphs", "decode", "file"), "../../other/decode.onnx"), (("schedule",), DELETE),
-    (("schedule", "visual_tokens"), "x"), (("graphs", "prefill", "inputs"), None), (("source", "text", "layers"), 9),
+    (("graphs",), None), (("graphs", "decoder.0", "file"), "../../other/decoder.0.onnx"), (("schedule",), DELETE),
+    (("schedule", "visual_tokens"), "x"), (("graphs", "decoder.0", "inputs"), None), (("source", "text", "layers"), 9),
 ])
 def test_from_onnx_refuses_a_mangled_manifest(build_copy, path, value):
     (build_copy / "manifest.json").write_text(json.dumps(mutate(read(build_copy), path, value)))

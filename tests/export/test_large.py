@@ -1,8 +1,10 @@
-"""The large-model path: graphs over 2 GB go through ONNX external data (slow; not in CI).
+"""The large-model path: graphs over 2 GB go through ONNX external data, and the engines hold the
+weights once (slow; not in CI).
 
 A LLaVA-1.5 whose language model has Vicuna-7B's width (hidden 4096, MLP 11008, 32 heads,
-vocabulary 32000) cut to two decoder layers: 2.67 GB of fp32 text weights, so the prefill
-and decode graphs exceed protobuf's 2 GB limit. Run with `python -m pytest -m slow tests/export/test_large.py`.
+vocabulary 32000) cut to two decoder layers: 2.67 GB of fp32 text weights, over protobuf's 2 GB
+limit. TensorRT-RTX engines for one compute capability (8.6) must hold at most 1.15x the graphs'
+weight bytes. Run with `python -m pytest -m slow tests/export/test_large.py -s`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 from export.build import main
 from runtime.manifest import check_files, read
+from tests.conftest import rtx_installed
 
 
 def make_wide_model(tiny_dir: Path, out: Path) -> Path:
@@ -42,13 +45,19 @@ def test_vicuna_width_two_layers_exports_with_external_data(preset_dirs, tmp_pat
     source = make_wide_model(preset_dirs["tiny-llava-1.5"], tmp_path / "wide")
     assert sum(f.stat().st_size for f in source.glob("*.safetensors")) > 2e9
     out = tmp_path / "build"
-    assert main(["--model", str(source), "--variant", "v", "--ratio", "0.25", "--out", str(out), "--backend", "none"]) == 0
+    backend = ["--backend", "tensorrt-rtx", "--compute-capability", "8.6"] if rtx_installed() else ["--backend", "none"]
+    assert main(["--model", str(source), "--variant", "v", "--ratio", "0.25", "--out", str(out), *backend]) == 0
     manifest = read(out)
     check_files(out, manifest["graphs"])
-    for graph in ("prefill", "decode"):
+    for graph in ("decoder.0",):  # the whole LLM: one segment without FiCoCo-L
         external = manifest["graphs"][graph]["external_data"]
         assert external and sum(e["bytes"] for e in external) > 2e9
         onnx.checker.check_model(str(out / f"{graph}.onnx"))  # by path: external data allowed
     assert manifest["parity"]["passed"]
+    weights = manifest["memory"]["weight_bytes"]
+    if rtx_installed():
+        engines = sum(e["bytes"] for e in manifest["engines"].values())
+        print(f"weights {weights / 1e9:.3f} GB, engines for sm_86 {engines / 1e9:.3f} GB: {engines / weights:.3f}x")
+        assert engines <= 1.15 * weights
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"peak resident memory of the test process: {peak_gb:.1f} GB")

@@ -2,7 +2,7 @@
 
 It lets `runtime.backend_trt` run on a machine without a GPU. A fake engine file is a header (JSON:
 TensorRT version, compute capabilities, per-input optimization profiles, I/O dtypes, device memory)
-followed by an ONNX graph; "device memory" is numpy blocks behind fake pointers. Where it matters,
+followed by an ONNX graph (its weights inline, as an engine holds them); "device memory" is numpy blocks behind fake pointers. Where it matters,
 the fake is as strict as TensorRT, or stricter:
 
 * per-engine optimization profiles: `set_input_shape` refuses a shape outside the engine's own
@@ -12,7 +12,7 @@ the fake is as strict as TensorRT, or stricter:
   the ONNX (fp16/bf16 floats, int32 ids, as a TensorRT engine may have), the graph runs with casts.
   Device bytes carry the dtype they were written with, and a kernel or a download that reads them
   as another dtype fails (TensorRT would silently compute garbage);
-* asynchronous execution: uploads, memsets, kernels and downloads are queued on the stream and run
+* asynchronous execution: uploads, memsets, copies, kernels and downloads are queued on the stream and run
   at `sync`; a host read before the sync sees stale data, a host array changed before it is read;
 * `deserialize_cuda_engine` returns None (and logs an error) on a TensorRT-version or compute-
   capability mismatch; `create_execution_context` returns None when the engine's device memory

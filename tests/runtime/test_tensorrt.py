@@ -4,9 +4,10 @@
 CUDA build of torch; it skips elsewhere, naming what is missing. The other tests run `runtime.backend_trt`
 against `fake_tensorrt` (ONNX Runtime behind the TensorRT API, numpy behind the CUDA memory), whose
 strictness is itself tested: `test_the_fake_catches_a_broken_backend` runs deliberately broken copies
-of the backend, one per kind of strictness, and each must be caught. Device selection (`auto`), the
-checks of engines against the device, the Jetson hints and the CUDA-bindings/driver check run with
-stand-ins for the driver.
+of the backend, one per kind of strictness (and the KV rows written one row off, or past_length one
+too many), and each must be caught. Device selection (`auto`), the checks of engines against the
+device and the Jetson hints run with stand-ins for the driver; tests/runtime/test_cuda.py tests
+runtime.cuda (the bindings against the driver, the device-to-device copies).
 """
 
 from __future__ import annotations
@@ -223,17 +224,6 @@ def test_auto_prefers_tensorrt_only_when_everything_is_there(fake, build_dir, tm
     assert "ficoco-edge[trt]" in capsys.readouterr().err
 
 
-def test_a_cpu_build_of_torch_is_not_a_cuda_allocator() -> None:
-    """torch imports here, but it is the CPU build: `auto` must not count it (read from torch/version.py)."""
-    import torch
-
-    assert device.torch_has_cuda() is (torch.version.cuda is not None)
-    if not (errors.has_module("cuda.bindings") or errors.has_module("cuda.cudart")) and torch.version.cuda is None:
-        assert not cuda_module.cuda_allocator()
-        with pytest.raises(BackendNotInstalledError, match=r"ficoco-edge\[cuda12\]"):
-            cuda_module.open_cuda()
-
-
 @pytest.mark.parametrize(("installed", "gpu", "message"), [
     ("10.4.0", "8.6", "built with tensorrt 10.3.0 and this machine has 10.4.0"),
     ("10.3.0", "8.7", "built for compute capability 8.6 and this GPU is 8.7"),
@@ -272,39 +262,6 @@ def test_on_a_jetson_the_hint_is_from_onnx(build_dir, tmp_path: Path, monkeypatc
     with pytest.raises(BackendNotInstalledError) as info:
         backend_module.resolve("tensorrt", build)
     assert f"--from-onnx {build.directory} --backend tensorrt" in str(info.value) and "ficoco-edge[rtx]" not in str(info.value)
-
-
-def test_cuda_bindings_newer_than_the_driver_are_one_line_with_the_fix() -> None:
-    """JetPack 6 (CUDA 12.6 driver) with cuda-python 13: found before any CUDA call, and from cudaErrorInsufficientDriver."""
-    jetpack6 = Driver(12060, 1, "8.7")
-    line = cuda_module.driver_mismatch("13.0.2", jetpack6)
-    assert line is not None and "\n" not in line and "cuda-python 13.0.2 is built for CUDA 13" in line
-    assert "supports CUDA 12.6" in line and "pip install 'cuda-python>=12.0,<13'" in line and "ficoco-edge[cuda12]" in line
-    assert cuda_module.driver_mismatch("12.6.2", jetpack6) is None and cuda_module.driver_mismatch("12.9.0", Driver(13000, 1, "12.0")) is None
-    with pytest.raises(BackendNotInstalledError, match="cudaErrorInsufficientDriver"):
-        cuda_module.CudaPython(cudart=_fake_cudart(), found=jetpack6, bindings="13.0.2")
-    with pytest.raises(BackendNotInstalledError, match=r"cuda-python>=12.0,<13"):  # the driver answers first
-        cuda_module.CudaPython(cudart=_fake_cudart(insufficient=True), found=Driver(12020, 1, "8.7"), bindings="13.0.2")
-    cudart = _fake_cudart()
-    cuda = cuda_module.CudaPython(cudart=cudart, found=jetpack6, bindings="12.6.2")
-    cuda.close()
-    assert cudart.calls == ["cudaFree", "cudaStreamCreate", "cudaStreamSynchronize", "cudaStreamDestroy"]
-
-
-def _fake_cudart(insufficient: bool = False) -> SimpleNamespace:
-    """cuda.bindings.runtime as far as CudaPython's start and close use it: (error, *values) tuples."""
-    errors_ = SimpleNamespace(cudaSuccess=0, cudaErrorInsufficientDriver=35)
-    calls: list[str] = []
-
-    def call(name: str, *values: object):
-        def run(*args: object) -> tuple:
-            calls.append(name)
-            return (35 if insufficient and name == "cudaFree" else 0, *values)
-        return run
-
-    return SimpleNamespace(cudaError_t=errors_, calls=calls, cudaFree=call("cudaFree"), cudaStreamCreate=call("cudaStreamCreate", 99),
-                           cudaStreamSynchronize=call("cudaStreamSynchronize"), cudaStreamDestroy=call("cudaStreamDestroy"),
-                           cudaGetErrorString=lambda e: (0, b"CUDA driver version is insufficient for CUDA runtime version"))
 
 
 # --- TensorRT-RTX at run time -----------------------------------------------------------------------------

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, small_build):
+def quick_run(tmp_path_factory, small_build, small_source):
     """One --quick run (issue 5: under 5 minutes in CI) over the shared tiny FiCoCo-V build: (out dir, bench.json)."""
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(["--quick", "--build", str(small_build), "--out-dir", str(out)]) == 0
+    assert bench.main(["--quick", "--build", str(small_build), "--model", str(small_source), "--out-dir", str(out)]) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
@@ -46,7 +46,7 @@ def test_writes_markdown_json_png_and_log(quick_run):
     for heading in ("## 1. Vision encoder", "## 2. LLM prefill", "## 3. Decode step", "## 4. FiCoCo operations",
                     "## 5. Hugging Face eager vs the runtime", "## Targets"):
         assert heading in text
-    assert "quick mode" in text and text.count("PASS") + text.count("FAIL") == 3
+    assert "quick mode" in text and text.count("PASS") + text.count("FAIL") == 4
     assert set(results) >= {"machine", "settings", "vision", "prefill", "decode", "ficoco_ops", "chat", "targets", "duration_s"}
 
 
@@ -91,13 +91,22 @@ def test_prefill_rows_follow_the_schedule_and_ficoco_flops(quick_run):
         reduced = F.prefill_flops(text, tokens, visual, {s.layer: s.tokens_out for s in schedule.language})
         assert row["flops_ratio"] == pytest.approx(reduced / full) and positive(row["ms"]) and positive(row["speedup"])
     assert [row["language"][0][0] for row in prefill["rows"] if row["variant"] == "l"] == [4] * len(MODE.prefill_ratios)
+    for row in prefill["rows"]:  # the build layout: FiCoCo-L splits the decoder at its layer
+        assert row["graphs"] == (["decoder.0", "reduce.1", "decoder.1"] if row["variant"] == "l" else ["decoder.0"])
 
 
-def test_decode_and_ficoco_ops_figures(quick_run):
+def test_decode_and_ficoco_ops_figures(quick_run, small_build):
     results = quick_run[1]
-    rows = results["decode"]["rows"]
+    decode = results["decode"]
+    rows = decode["rows"]
     assert [row["cache_length"] for row in rows] == [n for n in MODE.lengths if n < 2048]  # the build holds < max_seq_len
     assert all(positive(row["runtime_ms"]) and positive(row["hf_ms"]) for row in rows)
+    manifest = json.loads((small_build / "manifest.json").read_text())
+    text, max_seq_len = manifest["source"]["text"], manifest["max_seq_len"]
+    row_bytes = 2 * text["layers"] * text["kv_heads"] * text["head_dim"] * 4  # K and V, fp32, every layer (no FiCoCo-L)
+    assert decode["max_seq_len"] == max_seq_len and decode["cache_bytes"] == row_bytes * max_seq_len  # one copy, at capacity
+    assert decode["cache_bytes_before_at_max"] == 2 * decode["cache_bytes"]  # before: past and present
+    assert [row["cache_bytes_before"] for row in rows] == [2 * row_bytes * row["cache_length"] for row in rows]
     ops = results["ficoco_ops"]
     schedule = build_schedule(FiCoCoConfig("v", ratio=ops["ratio"]), geometry(results["vision"]["model"])).vision
     assert [(s["layer"], s["tokens_in"], s["tokens_out"]) for s in ops["steps"]] == [(s.layer, s.tokens_in, s.tokens_out) for s in schedule]
@@ -117,7 +126,54 @@ def test_chat_rows_and_targets(quick_run):
     assert rows[-1]["same_tokens_as_hf"]  # the runtime answers exactly as the FiCoCo-patched HF model
     assert positive(rows[-1]["vision_ms"]) and positive(rows[-1]["prefill_ms"])
     targets = results["targets"]
-    assert len(targets) == 3 and all(isinstance(t["passed"], bool) and t["measured"] for t in targets)
+    assert len(targets) == 4 and all(isinstance(t["passed"], bool) and t["measured"] for t in targets)
+    low, high = min(r["cache_length"] for r in results["decode"]["rows"]), max(r["cache_length"] for r in results["decode"]["rows"])
+    assert f"step({high}) / step({low})" in targets[-1]["measured"] and "before" not in targets[-1]["measured"]  # quick: no BEFORE
+
+
+def test_sections_merge_into_an_existing_run(quick_run, small_build, small_source, tmp_path):
+    """--sections decode re-measures that section only; the others' figures stay as they were."""
+    out, first = quick_run
+    merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()
+    (merged_dir / "bench.json").write_text(json.dumps(first))
+    assert bench.main(["--quick", "--sections", "decode", "--build", str(small_build), "--model", str(small_source),
+                       "--out-dir", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "bench.json").read_text())
+    for key in ("vision", "prefill", "ficoco_ops", "chat", "machine", "settings", "duration_s"):
+        assert merged[key] == first[key], key
+    assert merged["decode"] != first["decode"] and [r["cache_length"] for r in merged["decode"]["rows"]] == [
+        r["cache_length"] for r in first["decode"]["rows"]]
+    assert merged["runs"]["decode"]["date"] != first["machine"]["date"] and merged["complete"]
+    text = (merged_dir / "bench.md").read_text()
+    assert "Measured by a later run (`--sections`)" in text and text.count("PASS") + text.count("FAIL") == 4
+    smoke = ["--smoke", "--sections", "decode", "--build", str(small_build), "--model", str(small_source), "--out-dir", str(merged_dir)]
+    assert bench.main(smoke) == 2  # a quick-mode bench.json takes quick-mode sections only
+
+
+def test_prefill_chain_runs_as_the_torch_reference(tmp_path):
+    """bench_models.PrefillChain (decoder.0, reduce.1, decoder.1 as the runtime chains them) gives the logits and
+    the cache rows of the patched model's own prefill (export.graphs.PrefillReference)."""
+    import numpy as np
+    import torch
+
+    from scripts import bench_models as M
+
+    model = M.random_llava(M.TINY_CLIP, M.SMOKE_TEXT)
+    info = M.export_prefill(model, "l", 0.25, tmp_path, 5, 55)
+    assert info["graphs"] == ["decoder.0", "reduce.1", "decoder.1"] and info["language"][0][:2] == [4, 576]
+    table = model.get_input_embeddings().weight.detach()
+    before, features, after = M.prefill_inputs(model, info["visual_tokens"], 5, 55)
+    inputs = {"rows_before": table[before[0]].numpy(), "features": features.numpy(), "rows_after": table[after[0]].numpy(),
+              "before": before.numpy()}
+    chain = M.PrefillChain(tmp_path, info, inputs, threads=1)
+    logits = chain()
+    with torch.no_grad():
+        reference = M.graph_set(model, "l", 0.25).prefill(before, features, after)
+    assert np.abs(logits - reference[0].numpy()).max() < 1e-4
+    for layer in range(info["layers"]):
+        key = reference[1 + 2 * layer].numpy()
+        assert np.abs(chain.keys[layer][:, :, :key.shape[2]] - key).max() < 1e-4, layer
 
 
 def test_baseline_build_needs_build(capsys):
