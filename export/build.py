@@ -171,7 +171,7 @@ def quantize_and_measure(request: BuildRequest, tmp: Path, graphs, entries: dict
     from .quantize import quantize_build
 
     with progress.stage(f"quantize {request.weights} ({request.quant_method}, block {request.block_size})"):
-        reports = quantize_build(tmp, list(entries), request, log=lambda line: print(line, file=progress.log))
+        reports = quantize_build(tmp, list(entries), request, graphs.tied, log=lambda line: print(line, file=progress.log))
         for graph in reports:
             entries[graph] = pipeline.describe(tmp / f"{graph}.onnx")
         embedding = pipeline.embedding_entry(graphs, tmp, entries)

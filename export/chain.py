@@ -33,7 +33,10 @@ class OnnxChain:
                  layers: int, capacity: int):
         import onnxruntime as ort
 
-        self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), providers=["CPUExecutionProvider"])
+        from runtime.backend_ort import session_options
+
+        self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), session_options(ort),
+                                                 providers=["CPUExecutionProvider"])
                          for g in graph_names if g not in (names.VISION, names.EMBED)}
         self.embedding, self.layers, self.capacity = Embedding.from_entry(directory, embedding), layers, capacity
         steps = len(reduction_layers)

@@ -62,7 +62,7 @@ def measure(directory: Path, model, processor, graphs, embedding: dict, weights:
     longest = max(graphs.plan.prompt_length(s.before.shape[1], s.after.shape[1]) for s in samples) + NEW_TOKENS
     onnx_model = verify.OnnxModel(directory, graphs, embedding, capacity=longest + 3)
     eos = verify.eos_ids(model)
-    agree, total, cosines, prefixes, matches = 0, 0, [], [], []
+    agree, total, cosines, prefixes, matches, first = 0, 0, [], [], [], None
     for sample in samples:
         tokens, logits = reference_path(model, sample)
         ours: list = []
@@ -71,12 +71,14 @@ def measure(directory: Path, model, processor, graphs, embedding: dict, weights:
         total += len(tokens)
         cosines += [cosine(a, b) for a, b in zip(ours, logits)]
         greedy = onnx_model.greedy(sample, eos)
+        first = greedy if first is None else first
         prefix = next((i for i, (a, b) in enumerate(zip(greedy, tokens)) if a != b), min(len(greedy), len(tokens)))
         prefixes.append(prefix)
         matches.append(sum(a == b for a, b in zip(greedy, tokens)) / max(len(tokens), 1))
     record = {"weights": weights, "prompts": len(samples), "positions": total, "agreement": agree / total,
               "cosine": float(np.mean(cosines)), "cosine_min": float(np.min(cosines)),
               "greedy_identical_prefix": prefixes, "greedy_match": float(np.mean(matches)),
+              "greedy_tokens": first,  # the build's own, on the first prompt and picture (export.verify's)
               "gate": GATES[weights]}
     if vision_quantized:
         record["kept_overlap"] = kept_overlap(directory, graphs, samples)
@@ -88,7 +90,9 @@ def kept_overlap(directory: Path, graphs, samples) -> float:
     """FiCoCo-V's kept sets of the quantized vision.onnx against the fp32 torch tower (the worst sample)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(directory / "vision.onnx"), providers=["CPUExecutionProvider"])
+    from runtime.backend_ort import session_options
+
+    session = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort), providers=["CPUExecutionProvider"])
     overlaps = []
     with torch.no_grad():
         for sample in samples:

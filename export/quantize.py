@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 WEIGHTS = ("int4", "int8")
 METHODS = ("rtn", "hqq")
@@ -122,6 +122,57 @@ def _load(src: Path) -> tuple[onnx.ModelProto, bool]:
 
         load_external_data_for_model(model, str(src.parent))
     return model, external
+
+
+def _materialize_transposed(model: onnx.ModelProto) -> int:
+    """MatMul(x, Transpose(W)) with W a 2-D float initializer read by that Transpose alone (how the exporter
+    writes an untied LM head): store W^T as the initializer and drop the Transpose, so the weight can be
+    quantized. Returns how many were rewritten. (Never for a tied head: its W is the embedding table.)"""
+    graph, done = model.graph, _gemm_to_matmul(model)
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for node in list(graph.node):
+        w = node.input[0] if node.op_type == "Transpose" else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if w not in inits or len(inits[w].dims) != 2 or perm != [1, 0] or inits[w].data_type not in _FLOATS:
+            continue
+        users = readers.get(node.output[0], [])
+        if len(readers.get(w, [])) != 1 or not users or any(u.op_type != "MatMul" or u.input[1] != node.output[0] for u in users):
+            continue
+        array = numpy_helper.to_array(inits[w]).T.copy()
+        inits[w].CopyFrom(numpy_helper.from_array(array, w))
+        for user in users:
+            user.input[1] = w
+        graph.node.remove(node)
+        done += 1
+    return done
+
+
+def _gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Gemm(A, W, transB=1) with alpha 1, no C and W a 2-D float initializer read by it alone (the
+    exporter's LM head on the last position) -> MatMul(A, W^T), W^T stored. Returns how many."""
+    graph, done = model.graph, 0
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for index, node in enumerate(list(graph.node)):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = node.input[1] if node.op_type == "Gemm" and len(node.input) == 2 else None
+        if (w not in inits or uses.get(w) != 1 or attrs.get("transA", 0) or not attrs.get("transB", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or len(inits[w].dims) != 2 or inits[w].data_type not in _FLOATS):
+            continue
+        inits[w].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[w]).T.copy(), w))
+        matmul = helper.make_node("MatMul", [node.input[0], w], list(node.output), name=node.name or f"gemm_{index}")
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(position, matmul)
+        done += 1
+    return done
 
 
 def _b_sources(graph: onnx.GraphProto, inits: dict[str, TensorProto]) -> dict[str, str]:
@@ -287,11 +338,12 @@ def _save(model: onnx.ModelProto, dst: Path, external: bool) -> None:
 
 def quantize_graph(src: Path, dst: Path, weights: str, block_size: int = 32, method: str = "rtn",
                    form: str = "matmulnbits", exclude: Collection[str] = (), *, symmetric: bool = True,
-                   accuracy_level: int | None = None) -> QuantReport:
+                   accuracy_level: int | None = None, untranspose: bool = False) -> QuantReport:
     """Write ``dst``: ``src`` with its qualifying MatMul weights quantized to ``weights`` ("int4"/"int8").
 
     ``symmetric`` (RTN only; HQQ is always asymmetric): no zero points, what TensorRT's Q/DQ path needs.
     ``accuracy_level``: MatMulNBits' attribute (ORT's minimum compute type; None leaves it unset).
+    ``untranspose``: first store transposed weights (an untied LM head) as W^T so they are quantized too.
     Raises QuantizeError for bad arguments, a missing file, or a graph with nothing to quantize.
     """
     src, dst = Path(src), Path(dst)
@@ -301,6 +353,8 @@ def quantize_graph(src: Path, dst: Path, weights: str, block_size: int = 32, met
     start = time.perf_counter()
     model, external = _load(src)
     before = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
+    if untranspose:
+        _materialize_transposed(model)
     chosen, skipped, unmatched = _select(model, exclude, _whole_blocks(weights, form, method, block_size))
     weight_names = {n.input[1] for n in model.graph.node if n.name in set(chosen)}
     if weights == "int8" and form == "qdq":
@@ -322,12 +376,13 @@ def quantize_graph(src: Path, dst: Path, weights: str, block_size: int = 32, met
     )
 
 
-def quantize_build(directory: Path, graphs: Collection[str], request: Any, log: Any = print) -> dict:
+def quantize_build(directory: Path, graphs: Collection[str], request: Any, tied: bool, log: Any = print) -> dict:
     """Quantize a build's decoder segments (and vision.onnx with `quantize_vision`) in place, weight-only:
     one form per graph, the QDQ one (block-wise / per-channel DequantizeLinear + MatMul), which TensorRT
     consumes and ONNX Runtime fuses into MatMulNBits when it loads the graph; so no weight is stored twice.
     hqq keeps float zero points that only MatMulNBits takes: its graphs are ONNX Runtime's form.
-    A tied LM head stays float (its B is the embedding table, transposed: not an initializer of its own).
+    A tied LM head stays float (its weight is the embedding table the runtime looks rows up in); an untied
+    one is quantized like the layers.
     Returns {graph: report dict}."""
     import shutil
     import tempfile
@@ -339,7 +394,8 @@ def quantize_build(directory: Path, graphs: Collection[str], request: Any, log: 
         src = directory / f"{graph}.onnx"
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             dst = Path(scratch) / src.name
-            report = quantize_graph(src, dst, request.weights, request.block_size, request.quant_method, form=form)
+            report = quantize_graph(src, dst, request.weights, request.block_size, request.quant_method, form=form,
+                                    untranspose=not tied and graph.startswith("decoder."))
             for old in [src, src.with_name(src.name + ".data")]:
                 old.unlink(missing_ok=True)
             for new in Path(scratch).iterdir():

@@ -336,7 +336,9 @@ class OnnxModel:
     def __init__(self, directory: Path, graphs, embedding: dict, capacity: int):
         import onnxruntime as ort
 
-        self.vision = ort.InferenceSession(str(directory / "vision.onnx"), providers=["CPUExecutionProvider"])
+        from runtime.backend_ort import session_options
+
+        self.vision = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort), providers=["CPUExecutionProvider"])
         self.chain, self.plan = chain_of(directory, graphs, embedding, capacity), graphs.plan
 
     def steps(self, sample: Sample):

@@ -36,6 +36,23 @@ BF16 = "tensor(bfloat16)"
 _BF16_ONNX_TYPE = 16  # onnx.TensorProto.BFLOAT16
 
 
+# Weight-only quantized builds (QDQ int8/int4) are fused into MatMulNBits by ONNX Runtime at load; its
+# default accuracy level 4 would also quantize the activations to int8 on the fly. Level 1 computes in
+# fp32, so the activations stay float as the export verified them (export.quality uses the same setting).
+WEIGHT_ONLY_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+
+
+def session_options(ort: Any, threads: int | None = None) -> Any:
+    """The runtime's ONNX Runtime session options (also used by the export's verification)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry(*WEIGHT_ONLY_ACCURACY)
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 def import_ort() -> Any:
     try:
         import onnxruntime
@@ -64,11 +81,7 @@ class OrtBackend:
         available = ort.get_available_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
         providers = (["CUDAExecutionProvider"] if self.device == "cuda" else []) + ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(ort, threads)
         self.sessions = {}
         for graph in build.graph_names:
             if graph == names.EMBED:

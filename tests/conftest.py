@@ -66,6 +66,12 @@ BUILDS = {
 }
 
 
+# name -> (preset, variant, ratio, extra arguments): quantized builds, made once per session on first use
+QUANT_BUILDS = {
+    "1.5-l-int4": ("tiny-llava-1.5", "l", 0.5, ["--weights", "int4"]),
+}
+
+
 def rtx_installed() -> bool:
     import importlib.util
 
@@ -113,6 +119,18 @@ def build_dir(tmp_path_factory, preset_dirs):
     def arguments(name: str) -> list[str]:
         preset, variant, ratio = BUILDS[name]
         return ["--model", str(preset_dirs[preset]), "--variant", variant, "--ratio", str(ratio),
+                "--backend", "tensorrt-rtx" if rtx_installed() else "none"]
+
+    return _builds(tmp_path_factory, arguments)
+
+
+@pytest.fixture(scope="session")
+def quant_build_dir(tmp_path_factory, preset_dirs):
+    """quant_build_dir(name) -> the directory of QUANT_BUILDS[name], with engines when TensorRT-RTX is installed."""
+
+    def arguments(name: str) -> list[str]:
+        preset, variant, ratio, extra = QUANT_BUILDS[name]
+        return ["--model", str(preset_dirs[preset]), "--variant", variant, "--ratio", str(ratio), *extra,
                 "--backend", "tensorrt-rtx" if rtx_installed() else "none"]
 
     return _builds(tmp_path_factory, arguments)
