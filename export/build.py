@@ -187,6 +187,8 @@ def quantize_and_measure(request: BuildRequest, tmp: Path, graphs, entries: dict
                                                 request.weights, request.quantize_vision)
         (tmp / "quality.json").write_text(json.dumps(record["quality"], indent=2) + "\n")
         if not record["quality"]["passed"] and not request.allow_parity_failure:
+            print(f"note: {request.weights} {request.quant_method} changed this model's answers beyond the gate; "
+                  "--weights int8, or --quant-method hqq (ONNX Runtime only), keep more", flush=True)
             raise VerificationError({"passed": False, "graphs": {}, "end_to_end": {"passed": True},
                                      "quantization": record["quality"]})
     return entries, embedding, record

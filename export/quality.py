@@ -9,8 +9,12 @@ prompts and pictures, with the build chained as the runtime runs it (`export.cha
     greedy         the build's own greedy tokens against the fp32 model's: identical prefix, matches
     kept overlap   FiCoCo-V's kept sets, when the vision tower is quantized
 
-Gates (`GATES`, per weight format) are set from what the real-weights preset measured, with a margin;
-the README gives both.
+Gates (`GATES`, per weight format). A defect (a transposed or mis-scaled weight, a wrong block axis)
+drives the agreement towards chance and the cosine below 0.5; honest rounding does not. int8 keeps
+about 8 bits per weight: on the real-weights preset it measured agreement 0.956 and cosine 0.9990, and
+its gate (0.90, 0.995) leaves that a margin. int4 loses more, and the gate (0.75, 0.95) is the floor
+below which the answers are a different model's: symmetric int4 RTN on SmolLM2-135M lands under it
+(0.574, 0.940) and the build says so; HQQ's asymmetric int4 passes (0.985). The README has the table.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from . import gates, verify
 
 # minimum teacher-forced agreement and mean logits cosine per weight format (README: measured on smol-llava-1.5)
-GATES = {"int8": {"agreement": 0.95, "cosine": 0.995}, "int4": {"agreement": 0.75, "cosine": 0.95}}
+GATES = {"int8": {"agreement": 0.90, "cosine": 0.995}, "int4": {"agreement": 0.75, "cosine": 0.95}}
 NEW_TOKENS = verify.NEW_TOKENS
 
 

@@ -188,6 +188,7 @@ class Build:
     manifest: dict = field(repr=False, compare=False)
     architecture: str  # "llava" (LLaVA-1.5) | "llava_next"
     layers: int  # decoder layers
+    hidden: int  # the LLM's width D
     kv_heads: int
     head_dim: int
     vocab: int
@@ -204,7 +205,7 @@ class Build:
     preprocess: Any = field(repr=False, compare=False)  # runtime.preprocess.PreprocessConfig of the manifest
 
     def __post_init__(self) -> None:
-        _positive(layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, vocab=self.vocab,
+        _positive(layers=self.layers, hidden=self.hidden, kv_heads=self.kv_heads, head_dim=self.head_dim, vocab=self.vocab,
                   crops=self.crops, patches_per_crop=self.patches_per_crop, kept_per_crop=self.kept_per_crop,
                   visual_tokens=self.visual_tokens, max_seq_len=self.max_seq_len)
         if self.architecture not in ARCHITECTURES.values():
@@ -240,7 +241,7 @@ class Build:
             build = cls(
                 directory=directory, manifest=manifest,
                 architecture=ARCHITECTURES.get(architecture, architecture),
-                layers=text["layers"], kv_heads=text["kv_heads"], head_dim=text["head_dim"], vocab=text["vocab"],
+                layers=text["layers"], hidden=text["hidden"], kv_heads=text["kv_heads"], head_dim=text["head_dim"], vocab=text["vocab"],
                 image_token_id=text["image_token_id"], eos_token_ids=frozenset(text["eos_token_ids"]),
                 crops=schedule["crops"], patches_per_crop=schedule["patches_per_crop"],
                 kept_per_crop=schedule["kept_per_crop"], grid=tuple(schedule["grid"]) if schedule["grid"] else None,
@@ -328,10 +329,6 @@ class Build:
     def graph_names(self) -> list[str]:
         """Every graph of this build, in running order (`runtime.names.graph_names`)."""
         return names.graph_names(len(self.language_steps), names.EMBED in (self.manifest.get("graphs") or {}))
-
-    @property
-    def hidden(self) -> int:
-        return int(self.manifest["source"]["text"]["hidden"])
 
     def capacities(self) -> tuple[int, ...]:
         """Each layer's cache capacity: max_seq_len less what FiCoCo-L removed before that layer."""

@@ -101,8 +101,8 @@ def bad_manifest(build: Path, tmp_path: Path, change: str) -> Path:
     elif change == "schema":
         manifest["schema_version"] = 99
     elif change == "sha256":
-        data = (copy / "decode.onnx").read_bytes()
-        (copy / "decode.onnx").write_bytes(data[: len(data) // 2])
+        data = (copy / "decoder.0.onnx").read_bytes()
+        (copy / "decoder.0.onnx").write_bytes(data[: len(data) // 2])
     elif change == "no-engines":  # what `export.build --backend none` writes
         for engine in copy.glob("*.engine"):
             engine.unlink()
