@@ -38,7 +38,7 @@ from runtime import manifest as manifest_io
 SCHEMA = "ficoco-build-workspace"
 OWNER = "owner.json"
 FAILED_SUFFIX = ".failed"
-EVIDENCE = ("parity.json", "build.log")  # what a failed verification keeps
+EVIDENCE = ("parity.json", "quality.json", "build.log")  # what a failed verification keeps
 ORPHAN_GRACE_S = 60  # an owner-less temporary directory (killed while being created) is debris after this
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
