@@ -133,7 +133,7 @@ def link_tree(directory: Path, target: Path, skip: set[str]) -> None:
 
 def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bool = False) -> int:
     """Engines for an existing build's ONNX graphs, on the target device; no torch or transformers."""
-    from .build import Progress, resolve_flavour, summary
+    from .report import Progress, resolve_flavour, summary
     from .request import check_targets
     from .workspace import Workspace
 

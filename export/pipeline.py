@@ -183,7 +183,7 @@ def example_args(graphs: GraphSet, sample) -> dict[str, tuple]:
         hidden = torch.cat([embed(before), features[None].to(embed.weight.dtype), embed(after)], dim=1)  # [1, P, D]
         if names.EMBED in graphs.llm:
             args[names.EMBED] = (torch.cat([before, after], dim=1),)
-        positions = torch.arange(hidden.shape[1])[None]
+        positions, out = torch.arange(hidden.shape[1])[None], None
         for graph, module in graphs.llm.items():
             if graph == names.EMBED:
                 continue

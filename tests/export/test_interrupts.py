@@ -137,6 +137,7 @@ def fake_export(outcome: str):
 def build_with(monkeypatch, out: Path, outcome: str) -> tuple[int, str]:
     monkeypatch.setattr(build_module, "export_and_verify", fake_export(outcome))
     monkeypatch.setattr(build_module, "summary", lambda body, progress, out: f"build: {out}")
+    monkeypatch.setattr(build_module, "memory_plan", lambda directory, body, request: None)  # reads a real model's config
     return run_main(main, ["--ratio", "0.5", "--backend", "none", "--out", str(out)])
 
 

@@ -49,10 +49,13 @@ def test_vicuna_width_two_layers_exports_with_external_data(preset_dirs, tmp_pat
     assert main(["--model", str(source), "--variant", "v", "--ratio", "0.25", "--out", str(out), *backend]) == 0
     manifest = read(out)
     check_files(out, manifest["graphs"])
-    for graph in ("decoder.0",):  # the whole LLM: one segment without FiCoCo-L
+    llm = 0
+    for graph in ("embed", "decoder.0"):  # the whole LLM: the table, and one segment without FiCoCo-L
         external = manifest["graphs"][graph]["external_data"]
-        assert external and sum(e["bytes"] for e in external) > 2e9
+        assert external
+        llm += sum(e["bytes"] for e in external)
         onnx.checker.check_model(str(out / f"{graph}.onnx"))  # by path: external data allowed
+    assert llm > 2e9
     assert manifest["parity"]["passed"]
     weights = manifest["memory"]["weight_bytes"]
     if rtx_installed():
