@@ -30,12 +30,12 @@ STALE = 7.0  # what the unfilled rows of a verification buffer hold
 
 class OnnxChain:
     def __init__(self, directory: Path, graph_names: list[str], embedding: dict, reduction_layers: tuple[int, ...],
-                 layers: int, capacity: int):
+                 layers: int, capacity: int, weights: str | None = None):
         import onnxruntime as ort
 
         from runtime.backend_ort import session_options
 
-        self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), session_options(ort),
+        self.sessions = {g: ort.InferenceSession(str(directory / f"{g}.onnx"), session_options(ort, weights=weights),
                                                  providers=["CPUExecutionProvider"])
                          for g in graph_names if g not in (names.VISION, names.EMBED)}
         self.embedding, self.layers, self.capacity = Embedding.from_entry(directory, embedding), layers, capacity

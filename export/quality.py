@@ -64,7 +64,7 @@ def measure(directory: Path, model, processor, graphs, embedding: dict, weights:
     samples = [verify.make_sample(processor, image_token, text, image=picture)
                for picture in pictures() for text in verify.TEACHER_FORCED_PROMPTS]
     longest = max(graphs.plan.prompt_length(s.before.shape[1], s.after.shape[1]) for s in samples) + NEW_TOKENS
-    onnx_model = verify.OnnxModel(directory, graphs, embedding, capacity=longest + 3)
+    onnx_model = verify.OnnxModel(directory, graphs, embedding, capacity=longest + 3, weights=weights)
     eos = verify.eos_ids(model)
     agree, total, cosines, prefixes, matches, first = 0, 0, [], [], [], None
     for sample in samples:
@@ -85,18 +85,19 @@ def measure(directory: Path, model, processor, graphs, embedding: dict, weights:
               "greedy_tokens": first,  # the build's own, on the first prompt and picture (export.verify's)
               "gate": GATES[weights]}
     if vision_quantized:
-        record["kept_overlap"] = kept_overlap(directory, graphs, samples)
+        record["kept_overlap"] = kept_overlap(directory, graphs, samples, weights)
     record["passed"] = record["agreement"] >= GATES[weights]["agreement"] and record["cosine"] >= GATES[weights]["cosine"]
     return record
 
 
-def kept_overlap(directory: Path, graphs, samples) -> float:
+def kept_overlap(directory: Path, graphs, samples, weights: str) -> float:
     """FiCoCo-V's kept sets of the quantized vision.onnx against the fp32 torch tower (the worst sample)."""
     import onnxruntime as ort
 
     from runtime.backend_ort import session_options
 
-    session = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort, weights=weights),
+                                   providers=["CPUExecutionProvider"])
     overlaps = []
     with torch.no_grad():
         for sample in samples:

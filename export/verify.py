@@ -182,10 +182,10 @@ def graph_functions(graphs) -> dict:
     return {names.VISION: lambda f: graphs.vision(f[names.PIXEL_VALUES]), PREFILL: prefill, DECODE: decode}
 
 
-def chain_of(directory: Path, graphs, embedding: dict, capacity: int):
+def chain_of(directory: Path, graphs, embedding: dict, capacity: int, weights: str | None = None):
     from .chain import OnnxChain
 
-    return OnnxChain(directory, list(graphs.exported), embedding, graphs.plan.reduction_layers, graphs.layers, capacity)
+    return OnnxChain(directory, list(graphs.exported), embedding, graphs.plan.reduction_layers, graphs.layers, capacity, weights)
 
 
 def onnx_runner(onnx_path: Path, outputs: list[str]) -> tuple[OnnxrtRunner, None]:
@@ -333,13 +333,14 @@ def compare_graphs(directory: Path, graphs, samples: list[Sample], limits: dict,
 class OnnxModel:
     """The build's graphs on ONNX Runtime (CPU), chained as the runtime does, as step functions for `runtime.loop`."""
 
-    def __init__(self, directory: Path, graphs, embedding: dict, capacity: int):
+    def __init__(self, directory: Path, graphs, embedding: dict, capacity: int, weights: str | None = None):
         import onnxruntime as ort
 
         from runtime.backend_ort import session_options
 
-        self.vision = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort), providers=["CPUExecutionProvider"])
-        self.chain, self.plan = chain_of(directory, graphs, embedding, capacity), graphs.plan
+        self.vision = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort, weights=weights),
+                                           providers=["CPUExecutionProvider"])
+        self.chain, self.plan = chain_of(directory, graphs, embedding, capacity, weights), graphs.plan
 
     def steps(self, sample: Sample):
         """(prefill, decode, prompt length) for one sample."""
