@@ -17,11 +17,22 @@ from .errors import BackendError
 from .manifest import Build, BuildError, plain_name
 
 
+FLOATS = {"float32": np.float32, "float16": np.float16}
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class Embedding:
     """input ids -> rows [q, D] of the embedding table (a read-only memory map; bf16 as uint16 bits)."""
 
     def __init__(self, build: Build):
         self.__init_from(build.directory, build.manifest.get("embedding"))
+        width = self.table.shape[0] if self.transposed else self.table.shape[1]
+        if (self.vocab, width) != (build.vocab, build.hidden):
+            raise BuildError(f"manifest: the embedding table is {self.vocab} x {width}; source.text implies "
+                             f"{build.vocab} x {build.hidden}")
 
     @classmethod
     def from_entry(cls, directory, entry: dict) -> Embedding:
@@ -36,13 +47,20 @@ class Embedding:
         if not isinstance(entry, dict):
             raise BuildError(f"{str(directory)!r}: the manifest has no embedding entry (a build from before the weights-once layout?)")
         path = Path(directory) / plain_name(entry.get("file"), "embedding.file")
-        dtype = np.dtype(np.uint16) if entry["dtype"] == "bfloat16" else np.dtype(entry["dtype"])
-        shape = tuple(int(d) for d in entry["shape"])
         try:
-            self.table = np.memmap(path, dtype=dtype, mode="r", offset=int(entry["offset"]), shape=shape)
+            dtype = np.dtype(np.uint16) if entry["dtype"] == "bfloat16" else np.dtype(FLOATS[entry["dtype"]])
+            shape, offset, transposed = entry["shape"], entry["offset"], entry["transposed"]
+        except (KeyError, TypeError) as error:
+            raise BuildError(f"manifest: embedding lacks or mangles {error} (needs file, offset, shape, dtype, transposed)") from None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_count(d) and d > 0 for d in shape)
+                and _count(offset) and isinstance(transposed, bool)):
+            raise BuildError(f"manifest: embedding shape {shape!r}, offset {offset!r}, transposed {transposed!r} are not "
+                             "[rows, cols] of positive ints, an int >= 0 and a bool")
+        try:
+            self.table = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
         except (OSError, ValueError) as error:
             raise BuildError(f"cannot map the embedding table {shape} from {str(path)!r}: {error}") from None
-        self.transposed, self.vocab = bool(entry["transposed"]), shape[1] if entry["transposed"] else shape[0]
+        self.transposed, self.vocab = transposed, shape[1] if transposed else shape[0]
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids [q] (any int dtype) -> [q, D], a fresh array."""
