@@ -101,18 +101,29 @@ class OnnxChain:
         raise AssertionError("the last segment returns the logits")
 
 
-class ChainRunner(BaseRunner):
-    """Polygraphy runner over `OnnxChain` in one phase ("prefill" or "decode"; module docstring)."""
+class HostRunner(BaseRunner):
+    """A Polygraphy runner over Python code on the host: fixed input metadata, nothing to activate."""
 
-    def __init__(self, chain: OnnxChain, phase: str, input_metadata: TensorMetadata):
-        super().__init__(name=f"onnxrt-{phase}", prefix="chain-runner")
-        self.chain, self.phase, self.input_metadata = chain, phase, input_metadata
+    def __init__(self, name: str, prefix: str, input_metadata: TensorMetadata):
+        super().__init__(name=name, prefix=prefix)
+        self.input_metadata = input_metadata
 
     def activate_impl(self):
         pass
 
     def get_input_metadata_impl(self):
         return self.input_metadata
+
+    def deactivate_impl(self):
+        pass
+
+
+class ChainRunner(HostRunner):
+    """Polygraphy runner over `OnnxChain` in one phase ("prefill" or "decode"; module docstring)."""
+
+    def __init__(self, chain: OnnxChain, phase: str, input_metadata: TensorMetadata):
+        super().__init__(f"onnxrt-{phase}", "chain-runner", input_metadata)
+        self.chain, self.phase = chain, phase
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
@@ -127,6 +138,3 @@ class ChainRunner(BaseRunner):
             _, _, named = self.chain.decode(int(feed_dict[names.INPUT_IDS][0, 0]), int(feed_dict[names.POSITION_IDS][0, 0]), cache)
         self.inference_time = time.perf_counter() - start
         return named
-
-    def deactivate_impl(self):
-        pass

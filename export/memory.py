@@ -38,10 +38,9 @@ def memory_section(directory: Path, body: dict, config: dict, ficoco, grid) -> d
     quantization = body.get("quantization") or {}
     weights = quantization.get("weights") or body["precision"]
     vision = weights if quantization.get("vision") else body["precision"]
+    kv_dtype = "fp32" if body["precision"] == "fp32" else "fp16"  # the runtime's buffers: the graphs' float type
     plan = memory.plan_memory(config, ficoco, body["max_seq_len"], weights, grid, vision_weights=vision,
-                              engine_memory=engine_memory)
-    plan = dataclasses.replace(plan, kv_dtype="fp32" if body["precision"] == "fp32" else "fp16",
-                               kv_bytes=plan.kv_bytes * (4 if body["precision"] == "fp32" else 2) // memory.KV_DTYPES[plan.kv_dtype])
+                              kv_dtype=kv_dtype, engine_memory=engine_memory)
     measured = {graph: initializer_bytes(directory / entry["file"]) for graph, entry in body["graphs"].items()}
     plan = dataclasses.replace(plan, model=body["source"]["model"], weights=measured)
     lines = memory.format_plan(plan)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator
@@ -36,6 +35,7 @@ from ficoco.patch import llama
 from runtime import loop, names
 
 from . import gates
+from .chain import HostRunner
 
 NEW_TOKENS = 32
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # bf16: ONNX Runtime CPU has no kernels, never verified
@@ -43,18 +43,12 @@ COMPARE_PROMPTS = ("Describe the image.", "What is the colour of the sky in this
 TEACHER_FORCED_PROMPTS = (*COMPARE_PROMPTS, "List three things you can see in this picture.")
 
 
-class TorchRunner(BaseRunner):
+class TorchRunner(HostRunner):
     """Polygraphy runner for a torch callable on CPU (polygraphy's PytRunner moves inputs to CUDA)."""
 
     def __init__(self, fn, input_metadata: TensorMetadata, output_names: list[str], name: str = "torch"):
-        super().__init__(name=name, prefix="torch-runner")
-        self.fn, self.input_metadata, self.output_names = fn, input_metadata, output_names
-
-    def activate_impl(self):
-        pass
-
-    def get_input_metadata_impl(self):
-        return self.input_metadata
+        super().__init__(name, "torch-runner", input_metadata)
+        self.fn, self.output_names = fn, output_names
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
@@ -62,9 +56,6 @@ class TorchRunner(BaseRunner):
             outputs = self.fn({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feed_dict.items()})
         self.inference_time = time.perf_counter() - start
         return OrderedDict((name, np.ascontiguousarray(out.numpy())) for name, out in zip(self.output_names, outputs))
-
-    def deactivate_impl(self):
-        pass
 
 
 @dataclass

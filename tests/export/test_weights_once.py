@@ -10,26 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
+from export.memory import initializer_bytes as graph_bytes
 from runtime.manifest import read
 
 
 def initializer_bytes(directory: Path) -> dict[str, int]:
     """{graph: bytes of its initializers} over the build's graphs."""
-    out = {}
-    for graph, entry in read(directory)["graphs"].items():
-        model = onnx.load(str(directory / entry["file"]), load_external_data=False)
-        total = 0
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                total += int({e.key: e.value for e in tensor.external_data}["length"])
-            else:
-                total += numpy_helper.to_array(tensor).nbytes
-        out[graph] = total
-    return out
+    return {graph: graph_bytes(directory / entry["file"]) for graph, entry in read(directory)["graphs"].items()}
 
 
 def used_parameter_bytes(model) -> int:
