@@ -18,8 +18,12 @@ parts are small functions:
   work. Standard TensorRT builds for the local GPU. Either way the report names the actual compute
   capability where a GPU is visible (``runtime.device``).
 
-TensorRT's own warnings and errors go to the ``log`` callable of ``build_engine`` (``build.log`` in
-``export.build``); an ``EngineBuildError`` carries the errors in its one-line message.
+Importing TensorRT (``load_flavour``, ``Flavour``), its install hints, its logger and
+``BackendNotInstalledError`` are the runtime's (``runtime/trtlib.py``, ``runtime/errors.py``): one
+TensorRT layer for building and running engines. During ``build_engine`` TensorRT's warnings and
+errors go to its ``log`` callable (``build.log`` in ``export.build``); an ``EngineBuildError`` carries
+the parser's or builder's errors in its one-line message, and a build's report records the ONNX
+parser's own error count (``parser_errors``: 0, as any parser error stops the build).
 
 Polygraphy's loaders also build RTX engines here (with ``sys.modules["tensorrt_rtx"] =
 tensorrt_rtx_bindings`` and ``POLYGRAPHY_USE_TENSORRT_RTX=1``), but Polygraphy fixes the module for
@@ -30,7 +34,6 @@ the whole process from that variable at import, and RTX needs another config cla
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import re
 import secrets
@@ -42,32 +45,22 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from runtime.device import driver, trt_version_problem
+from runtime.device import driver
+from runtime.errors import (  # noqa: F401  (re-exported: the export's callers import them from here)
+    TENSORRT,
+    TENSORRT_RTX,
+    BackendNotInstalledError,
+    UnsupportedVersionError,
+)
+from runtime.trtlib import BACKENDS, Flavour, load_flavour, logger, routed  # noqa: F401  (re-exported)
 
-TENSORRT = "tensorrt"
-TENSORRT_RTX = "tensorrt-rtx"
-BACKENDS = ("auto", TENSORRT, TENSORRT_RTX)
 PRECISIONS = ("fp32", "fp16", "bf16")
 CURRENT = "current"  # EngineSpec.compute_capabilities: the GPU the build runs on (TensorRT-RTX's ComputeCapability.CURRENT)
 
-_INSTALL_HINT = {
-    TENSORRT: "TensorRT is not installed (it ships with JetPack; on x86: pip install 'ficoco-edge[trt]')",
-    TENSORRT_RTX: "TensorRT-RTX is not installed; install it with: pip install 'ficoco-edge[rtx]'",
-}
-# tensorrt_rtx_bindings: the pip wheels (the `rtx` extra); tensorrt_rtx: the SDK tarball's wheel.
-_MODULES = {TENSORRT: ("tensorrt",), TENSORRT_RTX: ("tensorrt_rtx_bindings", "tensorrt_rtx")}
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8"}
 
 Shape = tuple[int, ...]
 Log = Callable[[str], Any]
-
-
-class BackendNotInstalledError(ValueError):
-    """The requested TensorRT flavour cannot be imported; the message names the extra to install."""
-
-
-class UnsupportedVersionError(BackendNotInstalledError):
-    """The installed TensorRT is not a version this project supports (standard 10.x, TensorRT-RTX 1.x)."""
 
 
 class EngineBuildError(RuntimeError):
@@ -79,57 +72,6 @@ class EngineBuildError(RuntimeError):
         self.errors = [" ".join(str(e).split()) for e in errors]
         shown = "; ".join(self.errors[:3]) + (f"; and {len(self.errors) - 3} more" if len(self.errors) > 3 else "")
         super().__init__(f"{message}: {shown}" if shown else message)
-
-
-@dataclass(frozen=True)
-class Flavour:
-    """An imported TensorRT flavour: ``name`` is "tensorrt" or "tensorrt-rtx"."""
-
-    name: str
-    module: ModuleType = field(compare=False, repr=False)
-    version: str
-
-    @property
-    def is_rtx(self) -> bool:
-        """Whether this is TensorRT-RTX (strongly typed, ahead-of-time compute capabilities)."""
-        return self.name == TENSORRT_RTX
-
-
-def _import_flavour(name: str) -> Flavour:
-    """Import one flavour's module or raise BackendNotInstalledError with its install hint."""
-    causes = []
-    for module_name in _MODULES[name]:
-        try:
-            module = importlib.import_module(module_name)
-        except (ImportError, OSError) as exc:  # OSError: a wheel whose shared libraries are missing
-            causes.append(f"{module_name}: {exc}")
-            continue
-        flavour = Flavour(name, module, str(getattr(module, "__version__", "unknown")))
-        if (problem := trt_version_problem(name, flavour.version)) is not None:
-            raise UnsupportedVersionError(problem)
-        return flavour
-    raise BackendNotInstalledError(f"{_INSTALL_HINT[name]} ({'; '.join(causes)})")
-
-
-def load_flavour(backend: str = "auto") -> Flavour:
-    """Import TensorRT: "tensorrt", "tensorrt-rtx", or "auto" (standard TensorRT first, then RTX)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown TensorRT backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return _import_flavour(backend)
-    unsupported = []
-    for name in (TENSORRT, TENSORRT_RTX):
-        try:
-            return _import_flavour(name)
-        except UnsupportedVersionError as error:
-            unsupported.append(str(error))
-        except BackendNotInstalledError:
-            pass
-    raise BackendNotInstalledError(
-        "neither TensorRT nor TensorRT-RTX is installed; install one with pip install 'ficoco-edge[trt]' "
-        "(TensorRT; JetPack ships it) or pip install 'ficoco-edge[rtx]' (TensorRT-RTX)"
-        + "".join(f"; {line}" for line in unsupported)
-    )
 
 
 @dataclass(frozen=True)
@@ -194,35 +136,6 @@ class EngineSpec:
         object.__setattr__(self, "compute_capabilities", ccs)
 
 
-@dataclass
-class _Collector:
-    """Routes a TensorRT logger's messages to the current build: errors kept, warnings logged."""
-
-    errors: list[str] = field(default_factory=list)
-    log: Log = print
-
-
-_LOGGERS: dict[str, tuple[Any, _Collector]] = {}
-
-
-def _logger(flavour: Flavour) -> tuple[Any, _Collector]:
-    """One logger per flavour and process (TensorRT keeps the first logger it sees globally)."""
-    if flavour.name not in _LOGGERS:
-        trt, collector = flavour.module, _Collector()
-
-        class _Logger(trt.ILogger):  # type: ignore[name-defined, misc]
-            def log(self, severity: Any, msg: str) -> None:
-                if int(severity) <= int(trt.ILogger.ERROR):
-                    collector.errors.append(msg)
-                if int(severity) <= int(trt.ILogger.WARNING):
-                    collector.log(f"[{flavour.name}] {msg}")
-
-        logger = _Logger()
-        trt.ILogger.__init__(logger)
-        _LOGGERS[flavour.name] = (logger, collector)
-    return _LOGGERS[flavour.name]
-
-
 def _network_flags(flavour: Flavour) -> int:
     """Network creation flags: STRONGLY_TYPED for standard TensorRT; none for TensorRT-RTX (always strongly typed)."""
     if flavour.is_rtx:
@@ -230,18 +143,27 @@ def _network_flags(flavour: Flavour) -> int:
     return 1 << int(flavour.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def _parse(flavour: Flavour, builder: Any, spec: EngineSpec) -> tuple[Any, Any]:
-    """Parse the ONNX from file into a network; EngineBuildError listing every parser error."""
-    network = builder.create_network(_network_flags(flavour))
-    parser = flavour.module.OnnxParser(network, builder.logger)
-    ok = parser.parse_from_file(str(spec.onnx_path))
+def parser_errors(parser: Any) -> list[str]:
+    """The ONNX parser's errors after a parse, one line each: "node 3 name (Op): description [function]"."""
     errors = []
     for i in range(parser.num_errors):
         err = parser.get_error(i)
         where = f"node {err.node()} {err.node_name()} ({err.node_operator()}): " if err.node() >= 0 else ""
         errors.append(f"{where}{err.desc()} [{err.func()}]")
+    return errors
+
+
+def _parse(flavour: Flavour, builder: Any, spec: EngineSpec) -> tuple[Any, Any]:
+    """Parse the ONNX from file into (network, parser); EngineBuildError listing every parser error.
+
+    Any error stops the build, even one the parser reports beside a successful parse."""
+    network = builder.create_network(_network_flags(flavour))
+    parser = flavour.module.OnnxParser(network, builder.logger)
+    ok = parser.parse_from_file(str(spec.onnx_path))
+    errors = parser_errors(parser)
     if errors or not ok:
-        raise EngineBuildError(f"{flavour.name} could not parse {spec.onnx_path}", errors or ["unknown parser failure"])
+        raise EngineBuildError(f"{flavour.name} could not parse {spec.onnx_path}",
+                               errors or ["the parser failed without reporting an error"])
     return network, parser
 
 
@@ -362,23 +284,23 @@ def build_engine(spec: EngineSpec, flavour: Flavour, log: Log = print, base: Pat
 
     Raises EngineBuildError (nothing written) on parser errors, a profile that does not fit
     the network, a precision the network does not have, or a failed build. TensorRT's warnings and
-    errors go to ``log``. The report's ``trtexec`` line has paths relative to ``base`` (a build
-    directory) when given. Builds in one process must not overlap (they share the flavour's logger).
+    errors go to ``log`` during the build (``runtime.trtlib.routed``). The report's ``trtexec`` line
+    has paths relative to ``base`` (a build directory) when given. Builds in one process must not
+    overlap (they share the flavour's logger).
     """
     if not spec.onnx_path.is_file():
         raise FileNotFoundError(spec.onnx_path)
-    logger, collector = _logger(flavour)
-    collector.errors, collector.log = [], log
     start = time.perf_counter()
-    builder = flavour.module.Builder(logger)
-    network, _parser = _parse(flavour, builder, spec)
-    config = builder.create_builder_config()
-    _add_profile(flavour, builder, config, network, spec)
-    _apply_precision(flavour, config, network, spec, log)
-    targets = _apply_compute_capabilities(flavour, config, spec, log)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"{flavour.name} could not build {spec.onnx_path}", collector.errors)
+    with routed(logger(flavour.module, flavour.name), log) as trt_logger:
+        builder = flavour.module.Builder(trt_logger)
+        network, parser = _parse(flavour, builder, spec)
+        config = builder.create_builder_config()
+        _add_profile(flavour, builder, config, network, spec)
+        _apply_precision(flavour, config, network, spec, log)
+        targets = _apply_compute_capabilities(flavour, config, spec, log)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise EngineBuildError(f"{flavour.name} could not build {spec.onnx_path}", trt_logger.errors)
     data = memoryview(serialized).cast("B")
     _write_atomically(spec.engine_path, data)
     seconds = time.perf_counter() - start
@@ -386,7 +308,7 @@ def build_engine(spec: EngineSpec, flavour: Flavour, log: Log = print, base: Pat
     return {
         "flavour": flavour.name,
         "version": flavour.version,
-        "parser_errors": 0,
+        "parser_errors": int(parser.num_errors),  # the parser's own count: 0, or _parse would have raised
         "seconds": round(seconds, 3),
         "bytes": data.nbytes,
         "sha256": hashlib.sha256(data).hexdigest(),

@@ -9,6 +9,9 @@
 CURRENT), or for `--compute-capability` when given, or, with no GPU visible, for the default RTX
 targets; standard TensorRT always builds for the local GPU. The manifest records the compute
 capability actually targeted (the local GPU's where one is visible) and the TensorRT version.
+`--max-seq-len` and `--precision` were fixed when the graphs were exported: given here, they must be
+the build's. The manifest's memory plan is computed again for the new engines where onnx is installed
+(`memory_plan`, from the build's copy of config.json), and left out where it is not.
 
 Nothing changes unless everything succeeds: the new build is assembled in an `export.workspace`
 beside the build (the graphs and tokenizer hard-linked, copied where links are not possible), the
@@ -21,37 +24,35 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from ficoco.plan import BuildPlan
 from runtime import manifest as manifest_io
-from runtime import names
+from runtime import names, trtlib
 from runtime.device import driver
 
 from .engine import CURRENT, EngineSpec, Flavour, build_engine
 from .request import DEFAULT_COMPUTE_CAPABILITIES, BuildRequest
 
 
-def dim_ranges(body: dict, graph: str) -> dict[str, tuple[int, int, int]]:
+def dim_ranges(plan: BuildPlan, graph: str) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named dim of `graph`, bounded by the prompt: the whole prompt (text before,
     visual tokens, text after) is at most max_seq_len at layer 0, less what FiCoCo-L removed at later
     segments. The cache buffers are bound whole at every step (prefill: past_length 0), so `capacity`
     is fixed at the segment's capacity. Optimum: a typical chat prompt (8 tokens before, 32 after)."""
-    max_seq_len, schedule = body["max_seq_len"], body["schedule"]
-    removed = [0]
-    for _, tokens_in, tokens_out in schedule["language"]:
-        removed.append(removed[-1] + tokens_in - tokens_out)
     kind, _, index = graph.partition(".")
-    segment = int(index) - (kind == "reduce") if index else 0
-    longest = max_seq_len - removed[segment]  # tokens into this graph at most
-    typical = min(8 + 32 + schedule["visual_tokens"] - removed[segment], longest)
+    segment = plan.segments[int(index) - (kind == "reduce") if index else 0]  # reduce.s takes decoder.{s-1}'s output
+    longest = segment.capacity  # tokens into this graph at most
+    typical = min(plan.segment_tokens(segment.index, plan.prompt_length(8, 32)), longest)
     ranges = {"tokens": (1, typical, longest), "capacity": (longest, longest, longest),
-              "text_before": (1, min(8, max_seq_len), max_seq_len)}
+              "text_before": (1, min(8, plan.max_seq_len), plan.max_seq_len)}
     if kind == "reduce":  # the prompt holds the step's visual tokens and at least one text token before them
-        tokens_in = schedule["language"][segment][1]
+        tokens_in = segment.step.tokens_in
         ranges["tokens"] = (tokens_in + 1, max(typical, tokens_in + 1), longest)
         ranges["text_before"] = (1, 8, longest - tokens_in)
     return ranges
@@ -73,11 +74,11 @@ def build_engines(directory: Path, body: dict, request: BuildRequest, flavour: F
     """Compile every ONNX graph of the build in `directory`; returns (engines entries, tensorrt section).
 
     TensorRT's log goes to `progress.log` (the build's build.log)."""
-    graphs, engines, commands = body["graphs"], {}, {}
+    graphs, engines, commands, plan = body["graphs"], {}, {}, BuildPlan.from_dict(body["schedule"])
     for graph in [g for g in graphs if g not in ENGINELESS]:
         spec = EngineSpec(
             onnx_path=directory / graphs[graph]["file"], engine_path=directory / f"{graph}.engine",
-            profiles=engine_profiles(graphs[graph], dim_ranges(body, graph)), precision=request.precision,
+            profiles=engine_profiles(graphs[graph], dim_ranges(plan, graph)), precision=request.precision,
             compute_capabilities=request.compute_capabilities if flavour.is_rtx else (),
         )
         with progress.stage(f"engine {graph} ({flavour.name})"):
@@ -100,7 +101,7 @@ def device_memory(flavour: Flavour, path: Path) -> int | None:
         return None
     trt = flavour.module
     try:
-        engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(path.read_bytes())
+        engine = trt.Runtime(trtlib.logger(trt, flavour.name)).deserialize_cuda_engine(path.read_bytes())
         return int(engine.get_device_memory_size_for_profile_v2(0)) if engine is not None else None
     except Exception:  # noqa: BLE001  (a report, never a reason to fail the build)
         return None
@@ -131,21 +132,52 @@ def link_tree(directory: Path, target: Path, skip: set[str]) -> None:
                 shutil.copy2(Path(root) / name, target_dir / name)
 
 
-def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bool = False) -> int:
-    """Engines for an existing build's ONNX graphs, on the target device; no torch or transformers."""
+FIXED_AT_EXPORT = ("max_seq_len", "precision")  # the graphs' shapes and float type
+
+
+def check_fixed(body: dict, given: dict[str, object]) -> None:
+    """--max-seq-len and --precision were fixed when the ONNX was exported: given with --from-onnx (not None),
+    they must be the build's; ValueError naming each that differs."""
+    plan = BuildPlan.from_dict(body["schedule"])
+    build = {"max_seq_len": plan.max_seq_len, "precision": body["precision"]}
+    differ = [f"--{key.replace('_', '-')} {given[key]} (the build's is {build[key]})"
+              for key in FIXED_AT_EXPORT if given.get(key) is not None and given[key] != build[key]]
+    if differ:
+        them = "it" if len(differ) == 1 else "them"
+        raise ValueError(f"--from-onnx compiles the graphs as they were exported: {', '.join(differ)}; drop {them}, "
+                         f"or export again with {them}")
+
+
+def memory_plan(directory: Path, body: dict) -> dict | None:
+    """`export.memory.memory_section` of the build in `directory` with its engines, from the build's copy of the
+    model's config.json (a build and `--from-onnx` both write it so). None for a build older than its config.json."""
+    entry = manifest_io.tokenizer_files(body).get("config.json")
+    if entry is None:
+        return None
+    from .memory import memory_section
+
+    manifest_io.check_files(directory, {"config.json": entry}, "tokenizer")
+    return memory_section(directory, body, json.loads((directory / "config.json").read_text()))
+
+
+def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bool = False,
+                  given: dict[str, object] | None = None) -> int:
+    """Engines for an existing build's ONNX graphs, on the target device; no torch or transformers. `given`:
+    the command line's --max-seq-len and --precision (None where not given), which must be the build's."""
     from .report import Progress, resolve_flavour, summary
     from .request import check_targets
     from .workspace import Workspace
 
     body = manifest_io.read(directory)
     manifest_io.check_files(directory, body["graphs"])
+    check_fixed(body, given or {})
     flavour = resolve_flavour(request.backend)
     if flavour is None:
         raise ValueError("--from-onnx needs a TensorRT backend: --backend tensorrt or tensorrt-rtx")
     if capabilities_given:
         check_targets(request, flavour)
     targets = request.compute_capabilities if capabilities_given else device_targets(flavour)
-    request = dataclasses.replace(request, precision=body["precision"], max_seq_len=body["max_seq_len"],
+    request = dataclasses.replace(request, precision=body["precision"], max_seq_len=BuildPlan.from_dict(body["schedule"]).max_seq_len,
                                   compute_capabilities=targets, verify=False)  # engines only: nothing to verify
     old_engines = {entry["file"] for entry in (body.get("engines") or {}).values()}
     rewritten = {manifest_io.FILENAME, "build.log", *old_engines, *(f"{g}.engine" for g in body["graphs"])}
@@ -153,6 +185,10 @@ def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bo
     with Workspace(directory) as ws:
         link_tree(directory, ws.build, rewritten)
         body["engines"], body["tensorrt"] = build_engines(ws.build, body, request, flavour, progress)
+        body["memory"] = memory_plan(ws.build, body)  # its engine bytes and device memory: these engines'
+        if body["memory"] is None:
+            print("note: the memory plan is left out of the manifest: it needs onnx (pip install onnx) and the "
+                  "build's config.json (builds made since it is copied)", flush=True)
         for key in ("schema", "schema_version"):
             body.pop(key, None)
         manifest_io.write(ws.build, body)

@@ -227,7 +227,7 @@ def report_lines(record: dict, every_output: bool = False) -> list[str]:
     tf = e2e.get("teacher_forced")  # absent in records written before it
     identical = e2e.get("identical", e2e["onnx_tokens"] == e2e["torch_tokens"])
     forced = (f"teacher-forced agreement {tf['agreement']:.3f} over {tf['positions']} positions of {tf['prompts']} prompts"
-              if tf else "no teacher-forced figures")
+              if tf else f"not run: {e2e['error']}" if "error" in e2e else "no teacher-forced figures")
     lines.append(f"end to end: greedy tokens {'identical' if identical else 'DIFFERENT'} ({len(e2e['onnx_tokens'])}), "
                  f"{forced}  {'ok' if e2e['passed'] else 'FAIL'}")
     return lines

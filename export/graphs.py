@@ -10,6 +10,7 @@ All of them read one `ficoco.BuildPlan`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,11 @@ class GraphSet:
     decode: DecodeReference
     llm: dict[str, nn.Module]  # decoder.s / reduce.s (/ embed), in running order
     tied: bool  # the LM head is the embedding table
-    layers: int  # decoder layers
+
+    @property
+    def layers(self) -> int:
+        """Decoder layers (the plan's)."""
+        return self.plan.text.layers
 
     @property
     def exported(self) -> dict[str, nn.Module]:
@@ -113,16 +118,18 @@ class GraphSet:
 
 
 def graph_set(model: nn.Module, patch_plan: Plan, build_plan: BuildPlan) -> GraphSet:
-    layers = model.config.text_config.num_hidden_layers
+    """The graphs of `build_plan` over `model` patched by `ficoco.apply`: the traced FiCoCo-V steps are the build
+    plan's (the patch plan gives the step parameters), and so are the segments and FiCoCo-L steps."""
+    patch_plan = dataclasses.replace(patch_plan, vision=build_plan.vision)
     tied = seg.tied(model)
     llm: dict[str, nn.Module] = {} if tied else {names.EMBED: seg.EmbedGraph(model)}
-    decoders = seg.segments(model, build_plan.reduction_layers)
+    decoders = seg.segments(model, build_plan)
     llm[names.decoder(0)] = decoders[0]
     for index, step in enumerate(build_plan.language, start=1):
         llm[names.reduce(index)] = seg.ReduceGraph(step, patch_plan.language_params)
         llm[names.decoder(index)] = decoders[index]
     graphs = GraphSet(build_plan, VisionGraph(model, patch_plan, build_plan), PrefillReference(model, patch_plan, build_plan),
-                      DecodeReference(model, patch_plan), llm, tied, layers)
+                      DecodeReference(model, patch_plan), llm, tied)
     for module in (graphs.vision, graphs.prefill, graphs.decode, *llm.values()):
         module.eval()
     return graphs

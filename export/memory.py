@@ -9,16 +9,18 @@ when the engines could be loaded here (a GPU), else `ficoco.memory.activation_es
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
-import onnx
-from onnx import numpy_helper
-
 from ficoco import memory
+from ficoco.plan import BuildPlan
 
 
 def initializer_bytes(path: Path) -> int:
     """Bytes of one ONNX graph's initializers (external data by its recorded length)."""
+    import onnx
+    from onnx import numpy_helper
+
     model = onnx.load(str(path), load_external_data=False)
     total = 0
     for tensor in model.graph.initializer:
@@ -29,7 +31,16 @@ def initializer_bytes(path: Path) -> int:
     return total
 
 
-def memory_section(directory: Path, body: dict, config: dict, ficoco, grid) -> dict:
+def measured_weights(directory: Path, body: dict) -> dict[str, int]:
+    """{graph: initializer bytes} of the build's ONNX files; where onnx is not installed (a device's runtime
+    install running --from-onnx) the figures the build measured, which engines do not change."""
+    stored = (body.get("memory") or {}).get("weights")
+    if importlib.util.find_spec("onnx") is None and isinstance(stored, dict) and set(stored) == set(body["graphs"]):
+        return stored
+    return {graph: initializer_bytes(directory / entry["file"]) for graph, entry in body["graphs"].items()}
+
+
+def memory_section(directory: Path, body: dict, config: dict) -> dict:
     """The manifest's `memory`: the plan (with measured weights), engine bytes and device memory, devices."""
     engines = body.get("engines") or {}
     reported = {g: e.get("device_memory") for g, e in engines.items()}
@@ -39,9 +50,11 @@ def memory_section(directory: Path, body: dict, config: dict, ficoco, grid) -> d
     weights = quantization.get("weights") or body["precision"]
     vision = weights if quantization.get("vision") else body["precision"]
     kv_dtype = "fp32" if body["precision"] == "fp32" else "fp16"  # the runtime's buffers: the graphs' float type
-    plan = memory.plan_memory(config, ficoco, body["max_seq_len"], weights, grid, vision_weights=vision,
-                              kv_dtype=kv_dtype, engine_memory=engine_memory)
-    measured = {graph: initializer_bytes(directory / entry["file"]) for graph, entry in body["graphs"].items()}
+    setting = "none" if body["variant"] == "none" else f"FiCoCo-{body['variant'].upper()} " + (
+        f"ratio {body['ficoco']['ratio']}" if body["ficoco"].get("ratio") is not None else f"tokens {body['ficoco']['tokens']}")
+    plan = memory.memory_of(config, BuildPlan.from_dict(body["schedule"]), weights, setting=setting, vision_weights=vision,
+                            kv_dtype=kv_dtype, engine_memory=engine_memory)
+    measured = measured_weights(directory, body)
     plan = dataclasses.replace(plan, model=body["source"]["model"], weights=measured)
     lines = memory.format_plan(plan)
     if engines:

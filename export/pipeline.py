@@ -59,44 +59,40 @@ def keep_norms_fp32(model) -> int:
 
 
 def fix_grid(model, processor, grid: tuple[int, int]) -> None:
-    """LLaVA-NeXT: pin the anyres grid so every FiCoCo size is static (model and processor agree)."""
+    """LLaVA-NeXT: pin the anyres grid (one the plan accepted) so every FiCoCo size is static (model and processor agree)."""
     side = model.config.vision_config.image_size
-    allowed = [tuple(p) for p in model.config.image_grid_pinpoints]
-    pinpoint = (grid[0] * side, grid[1] * side)
-    if pinpoint not in allowed:
-        options = ", ".join(f"{h // side}x{w // side}" for h, w in allowed)
-        raise ValueError(f"--grid {grid[0]}x{grid[1]} is not one of this model's anyres grids ({options})")
-    model.config.image_grid_pinpoints = [list(pinpoint)]
-    processor.image_processor.image_grid_pinpoints = [list(pinpoint)]
+    pinpoint = [grid[0] * side, grid[1] * side]
+    model.config.image_grid_pinpoints = [pinpoint]
+    processor.image_processor.image_grid_pinpoints = [pinpoint]
 
 
-def resolve_budget(model, request: BuildRequest) -> BuildRequest:
-    """--tflops B -> the most visual tokens per crop whose prefill fits B (ficoco.flops convention)."""
-    from dataclasses import replace
-
-    from ficoco.flops import tokens_for_budget
-
-    if request.tflops is None:
-        return request
-    grid = request.grid if type(model).__name__ == "LlavaNextForConditionalGeneration" else None
-    tokens = tokens_for_budget(model.config.to_dict(), request.tflops, request.variant, grid=grid)
-    print(f"--tflops {request.tflops:g}: {tokens} visual tokens per crop", flush=True)
-    return replace(request, tokens=tokens, tflops=None)
-
-
-def patch(model, processor, request: BuildRequest) -> tuple[Plan, BuildPlan]:
-    """Apply FiCoCo (crop layout, static) and resolve the build plan, once."""
+def patch(model, processor, request: BuildRequest, plan: BuildPlan | None = None) -> tuple[Plan, BuildPlan]:
+    """Apply FiCoCo (crop layout, static) for `request` (--tokens, not --tflops: `request.resolve_budget`);
+    `plan` is the build's (`request.check_model`), else it is resolved here from the model's config, once."""
     next_model = type(model).__name__ == "LlavaNextForConditionalGeneration"
+    config: FiCoCoConfig = request.ficoco_config()
+    if plan is None:  # ValueError naming --grid where the model has no such grid (or none: LLaVA-1.5)
+        grid = request.grid if next_model or request.grid_given else None
+        plan = build_plan(model.config.to_dict(), config, grid, max_seq_len=request.max_seq_len)
     if next_model:
-        fix_grid(model, processor, request.grid)
-    elif request.grid != (2, 2) and request.grid_given:
-        raise ValueError(f"--grid applies to LLaVA-NeXT only; {type(model).__name__} has one crop per image")
-    request = resolve_budget(model, request)
+        fix_grid(model, processor, plan.grid)
     if request.precision != "fp32":
         keep_norms_fp32(model)
-    config: FiCoCoConfig = request.ficoco_config()
     apply(model, config)
-    return model.ficoco_plan, build_plan(model.config.to_dict(), config, request.grid if next_model else None)
+    return model.ficoco_plan, plan
+
+
+def prompt_lengths(source: Path, image_token_id: int, verifying: bool) -> tuple[list[tuple[int, int]], int]:
+    """(text tokens before, after the image) of each prompt the build runs through its graphs: the trace's,
+    and the verification's when it verifies; and the tokens the verification generates after them."""
+    from transformers import AutoProcessor
+
+    from . import verify
+
+    processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    texts = verify.TEACHER_FORCED_PROMPTS if verifying else verify.COMPARE_PROMPTS[:1]  # [0]: the trace's
+    samples = [verify.make_sample(processor, image_token_id, text) for text in texts]
+    return [(s.before.shape[1], s.after.shape[1]) for s in samples], verify.NEW_TOKENS if verifying else 0
 
 
 def is_large(model) -> bool:
@@ -144,7 +140,7 @@ def export_graph(graphs: GraphSet, graph: str, args: tuple, directory: Path, max
     """Export one graph with its dynamic dims and describe it (LLM graphs keep weights in external data)."""
     path = directory / f"{graph}.onnx"
     external = graph != names.VISION and not graph.startswith("reduce") or large
-    io = names.io_names(graph, graphs.plan.reduction_layers, graphs.layers)
+    io = names.io_names(graph, graphs.plan)
     with torch.no_grad():
         export_onnx(graphs.exported[graph], args, path, io, dynamic_shapes(graphs, graph, max_seq_len), external,
                     {MAX_SEQ_LEN_KEY: str(max_seq_len)})
@@ -198,19 +194,9 @@ def example_args(graphs: GraphSet, sample) -> dict[str, tuple]:
 
 def flops_estimate(model, plan: BuildPlan, text_tokens: int = 60) -> dict:
     """Analytic TFLOPs of this build vs. unreduced, at `text_tokens` text tokens (ficoco.flops convention)."""
-    text = flops_model.text_of(model.config.text_config.to_dict())
-    vision = flops_model.vision_of(model.config.vision_config.to_dict())
-    geometry = plan.geometry
-    unreduced_visual = plan.crops * geometry.patches + plan.newline_rows
-    language = {s.layer: s.tokens_out for s in plan.language}
-    reduced = {
-        "vision": flops_model.vision_flops(vision, plan.crops, geometry.patches, {s.layer: s.tokens_out for s in plan.vision}, geometry.feature_layer),
-        "prefill": flops_model.prefill_flops(text, text_tokens, plan.visual_tokens, language),
-    }
-    full = {
-        "vision": flops_model.vision_flops(vision, plan.crops, geometry.patches, {}, geometry.feature_layer),
-        "prefill": flops_model.prefill_flops(text, text_tokens, unreduced_visual, {}),
-    }
+    config = model.config.to_dict()
+    reduced = dict(zip(("vision", "prefill"), flops_model.plan_flops(config, plan, text_tokens)))
+    full = dict(zip(("vision", "prefill"), flops_model.plan_flops(config, plan.unreduced(), text_tokens)))
     return {
         "convention": "2 FLOPs/MAC over linear layers + full QK^T and AV; text tokens = %d" % text_tokens,
         "tflops": {k: v / 1e12 for k, v in reduced.items()},
@@ -220,9 +206,10 @@ def flops_estimate(model, plan: BuildPlan, text_tokens: int = 60) -> dict:
 
 
 def copy_tokenizer(source: Path, directory: Path) -> dict:
-    """Copy tokenizer, chat template and processor settings into the build."""
+    """Copy tokenizer, chat template, processor settings and the model's config.json into the build."""
     wanted = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "chat_template.json", "processor_config.json", "preprocessor_config.json", "generation_config.json"]
+              "chat_template.json", "processor_config.json", "preprocessor_config.json", "generation_config.json",
+              "config.json"]  # config.json: the memory plan, refreshed by --from-onnx without the model
     copied = [name for name in wanted if (source / name).is_file()]
     for name in copied:
         shutil.copy2(source / name, directory / name)

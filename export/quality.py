@@ -2,7 +2,7 @@
 
 The float graphs are verified first with the exact gates (`export.verify`): that proves the export.
 Quantization then changes the answers by design, so its effect is measured end to end, on several
-prompts and pictures, with the build chained as the runtime runs it (`export.chain`):
+prompts and pictures, with the build run by the runtime's own ONNX Runtime backend (`runtime.chain`):
 
     agreement      teacher-forced next-token top-1 agreement with the fp32 model's greedy path
     cosine         mean cosine of the logits at those positions (fp32 model's `generate` scores)
@@ -58,13 +58,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def measure(directory: Path, model, processor, graphs, embedding: dict, weights: str, vision_quantized: bool) -> dict:
-    """The record of a quantized build (also what the manifest's `quantization.quality` holds)."""
+def measure(build, model, processor, graphs, weights: str, vision_quantized: bool) -> dict:
+    """The record of a quantized build (`runtime.manifest.Build`; also what the manifest's
+    `quantization.quality` holds)."""
     image_token = model.config.image_token_id
     samples = [verify.make_sample(processor, image_token, text, image=picture)
                for picture in pictures() for text in verify.TEACHER_FORCED_PROMPTS]
-    longest = max(graphs.plan.prompt_length(s.before.shape[1], s.after.shape[1]) for s in samples) + NEW_TOKENS
-    onnx_model = verify.OnnxModel(directory, graphs, embedding, capacity=longest + 3, weights=weights)
+    onnx_model = verify.OnnxModel(build, weights=weights)
     eos = verify.eos_ids(model)
     agree, total, cosines, prefixes, matches, first = 0, 0, [], [], [], None
     for sample in samples:
@@ -85,18 +85,18 @@ def measure(directory: Path, model, processor, graphs, embedding: dict, weights:
               "greedy_tokens": first,  # the build's own, on the first prompt and picture (export.verify's)
               "gate": GATES[weights]}
     if vision_quantized:
-        record["kept_overlap"] = kept_overlap(directory, graphs, samples, weights)
+        record["kept_overlap"] = kept_overlap(build.path("graphs", "vision"), graphs, samples, weights)
     record["passed"] = record["agreement"] >= GATES[weights]["agreement"] and record["cosine"] >= GATES[weights]["cosine"]
     return record
 
 
-def kept_overlap(directory: Path, graphs, samples, weights: str) -> float:
+def kept_overlap(vision: Path, graphs, samples, weights: str) -> float:
     """FiCoCo-V's kept sets of the quantized vision.onnx against the fp32 torch tower (the worst sample)."""
     import onnxruntime as ort
 
     from runtime.backend_ort import session_options
 
-    session = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort, weights=weights),
+    session = ort.InferenceSession(str(vision), session_options(ort, weights=weights),
                                    providers=["CPUExecutionProvider"])
     overlaps = []
     with torch.no_grad():

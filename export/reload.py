@@ -48,16 +48,18 @@ def source_dir(manifest: dict, model: str | Path | None = None) -> Path:
     return directory
 
 
-def reload_for_verify(manifest: dict, model: str | Path | None = None):
-    """(model, processor, graphs) of an existing build; `model` is the checkpoint directory unless a preset."""
+def reload_for_verify(build, model: str | Path | None = None):
+    """(model, processor, graphs) of an existing build (`runtime.manifest.Build`); `model` is the checkpoint
+    directory unless a preset."""
     from . import pipeline
     from .graphs import graph_set
 
+    manifest, plan = build.manifest, build.plan
     request = BuildRequest(
         model=str(source_dir(manifest, model)), variant=manifest["variant"],
         ratio=manifest["ficoco"]["ratio"] if manifest["variant"] != "none" else None,
-        tokens=manifest["ficoco"]["tokens"], precision=manifest["precision"], max_seq_len=manifest["max_seq_len"],
-        grid=tuple(manifest["schedule"]["grid"] or (2, 2)),
+        tokens=manifest["ficoco"]["tokens"], precision=manifest["precision"], max_seq_len=plan.max_seq_len,
+        grid=plan.grid or (2, 2),
     )
     loaded, processor, _ = pipeline.load_model(request)
     plan, layout = pipeline.patch(loaded, processor, request)

@@ -9,15 +9,17 @@ import time
 import warnings
 from pathlib import Path
 
+from ficoco.plan import BuildPlan
+
 from . import gates
 
 
 class Progress:
-    """Numbered stages with their time, printed as they finish; `rows` for the summary."""
+    """Numbered stages [i/total] with their time, printed as they finish; `rows` for the summary. `total` is
+    every stage of the run, known before the first (`export.build.stage_count`)."""
 
-    def __init__(self, total: int, log: io.StringIO, per_graph: int = 0):
+    def __init__(self, total: int, log: io.StringIO):
         self.total, self.index, self.rows, self.log = total, 0, [], log
-        self.per_graph = per_graph  # stages each graph adds once the graphs are known (export, engine)
 
     @contextlib.contextmanager
     def stage(self, title: str, quiet: bool = True):
@@ -40,10 +42,7 @@ class Progress:
 
 
 def summary(body: dict, progress: Progress, out: Path) -> str:
-    schedule, lines = body["schedule"], []
-    lines.append(f"\nbuild: {out}")
-    lines.append(f"  visual tokens: {schedule['crops']} crop(s) x {schedule['patches_per_crop']} -> {schedule['kept_per_crop']} per crop (FiCoCo-V), "
-                 f"{schedule['visual_tokens']} into the LLM" + (f", {schedule['language'][-1][2]} after layer {schedule['language'][-1][0]} (FiCoCo-L)" if schedule["language"] else ""))
+    lines = [f"\nbuild: {out}", f"  visual tokens: {visual_tokens_line(BuildPlan.from_dict(body['schedule']))}"]
     lines.append(f"  {'file':<22}{'MB':>10}")
     for kind in ("graphs", "engines"):
         for graph, entry in body.get(kind, {}).items():
@@ -72,6 +71,16 @@ def summary(body: dict, progress: Progress, out: Path) -> str:
                  f"{tf['prefill_reduction']:.2f}x less); vision {tf['tflops']['vision']:.4f} TFLOPs")
     lines.append("  stages: " + ", ".join(f"{title.split(' (')[0]} {seconds:.1f}s" for title, seconds in progress.rows))
     return "\n".join(lines)
+
+
+def visual_tokens_line(plan: BuildPlan) -> str:
+    """What FiCoCo does to the visual tokens in `plan`; a step is named only where one runs."""
+    per_crop = (f"{plan.patches_per_crop} -> {plan.kept_per_crop} per crop (FiCoCo-V)" if plan.vision
+                else f"{plan.patches_per_crop} per crop")
+    line = f"{plan.crops} crop(s), {per_crop}, {plan.visual_tokens} into the LLM"
+    if plan.language:
+        line += f", {plan.language[-1].tokens_out} after layer {plan.language[-1].layer} (FiCoCo-L)"
+    return line
 
 
 def resolve_flavour(backend: str):

@@ -1,14 +1,16 @@
-"""What a user asked `export.build` for, validated (no torch)."""
+"""What a user asked `export.build` for, validated (no torch until `check_model`, which a full build runs)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ficoco.config import FiCoCoConfig
+from ficoco.plan import DEFAULT_MAX_SEQ_LEN, BuildPlan
 
 VARIANTS = ("v", "l", "vl", "none")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -43,7 +45,7 @@ class BuildRequest:
     precision: str = "fp32"
     backend: str = "auto"
     compute_capabilities: tuple[str, ...] = DEFAULT_COMPUTE_CAPABILITIES
-    max_seq_len: int = 2048
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     allow_parity_failure: bool = False  # verify, publish even if it fails (marked failed in the manifest)
     verify: bool = True  # False: --no-verify, no parity check at all
     grid: tuple[int, int] = (2, 2)
@@ -131,34 +133,79 @@ def check_targets(request: BuildRequest, flavour) -> None:
                          f"{'it' if len(unknown) == 1 else 'them'}; it supports {', '.join(known)}{jetson}")
 
 
-def check_model(request: BuildRequest) -> Path:
-    """The model against the request, from its files and config.json only (no weights loaded); returns its
-    directory. `resolve_model_dir` checks the files; here the FiCoCo schedule (--ratio/--tokens against the
-    patch count and layers), --grid against the anyres grids and --max-seq-len against the positions."""
+class SequenceLengthError(ValueError):
+    """--max-seq-len cannot hold a sequence the build traces or verifies; the message names both lengths."""
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What `check_model` resolved from the model's config.json and processor files, before any weights load."""
+
+    source: Path  # the checkpoint directory
+    request: BuildRequest  # with --tflops resolved to --tokens
+    budget: float | None  # the --tflops it was resolved from
+    plan: BuildPlan  # the one plan of the build: the export traces it, the manifest holds it
+    tied: bool  # the LM head is the input embedding table: no embed graph
+
+
+def check_model(request: BuildRequest) -> ModelCheck:
+    """The model against the request, from its files and config.json only (no weights loaded). `resolve_model_dir`
+    checks the files; here the plan (--ratio/--tokens/--tflops against the patch count and layers, --grid
+    against the anyres grids, --max-seq-len against the positions and the prompts the build runs)."""
     from transformers import AutoConfig
 
-    from ficoco.config import build_schedule
-    from ficoco.flops import config_geometry
+    from ficoco import plan as build_plan
+    from ficoco.geometry import anyres_grids, config_geometry, text_geometry
+    from ficoco.memory import tied_embeddings
     from ficoco.presets import ModelSourceError, resolve_model_dir
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         source = resolve_model_dir(request.model)  # a preset's first use builds it: its progress bars are noise
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
-        geometry = config_geometry(config.to_dict())
+        settings = config.to_dict()
+        for read_shapes in (config_geometry, text_geometry):  # what the plan reads: a KeyError where it is missing
+            read_shapes(settings)
+        next_model = bool(anyres_grids(settings))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ModelSourceError(f"{source / 'config.json'}: not a usable LLaVA config: {' '.join(str(error).split())[:200]}") from None
-    if request.tflops is None:
-        build_schedule(request.ficoco_config(), geometry)  # ValueError naming tokens / layers out of range
-    pinpoints = getattr(config, "image_grid_pinpoints", None)
-    side = config.vision_config.image_size
-    if pinpoints is not None and [request.grid[0] * side, request.grid[1] * side] not in [list(p) for p in pinpoints]:
-        options = ", ".join(f"{h // side}x{w // side}" for h, w in pinpoints)
-        raise ValueError(f"--grid {request.grid[0]}x{request.grid[1]} is not one of this model's anyres grids ({options})")
-    if pinpoints is None and request.grid_given and request.grid != (2, 2):
-        raise ValueError(f"--grid applies to LLaVA-NeXT only; {config.architectures[0]} has one crop per image")
-    positions = getattr(config.text_config, "max_position_embeddings", None)
+    positions = settings["text_config"].get("max_position_embeddings")
     if isinstance(positions, int) and request.max_seq_len > positions:
         raise ValueError(f"--max-seq-len {request.max_seq_len} is more than the model's {positions} positions "
                          "(text_config.max_position_embeddings)")
-    return source
+    grid = request.grid if next_model or request.grid_given else None  # LLaVA-1.5 with --grid: refused by the plan
+    resolved = resolve_budget(request, settings, grid)
+    plan = build_plan(settings, resolved.ficoco_config(), grid, max_seq_len=request.max_seq_len)  # ValueError naming values
+    from .pipeline import prompt_lengths  # the prompts need the processor (torch side)
+
+    prompts, new_tokens = prompt_lengths(source, config.image_token_id, request.verify)
+    check_sequence(request.max_seq_len, plan, prompts, new_tokens, positions)
+    return ModelCheck(source, resolved, request.tflops, plan, tied_embeddings(settings))
+
+
+def resolve_budget(request: BuildRequest, settings: dict, grid: tuple[int, int] | None) -> BuildRequest:
+    """--tflops B -> the most visual tokens per crop whose prefill fits B (ficoco.flops convention)."""
+    if request.tflops is None:
+        return request
+    from ficoco.flops import tokens_for_budget
+
+    tokens = tokens_for_budget(settings, request.tflops, request.variant, grid=grid)
+    print(f"--tflops {request.tflops:g}: {tokens} visual tokens per crop", flush=True)
+    return dataclasses.replace(request, tokens=tokens, tflops=None)
+
+
+def check_sequence(max_seq_len: int, plan: BuildPlan, prompts: list[tuple[int, int]], new_tokens: int,
+                   positions: int | None = None) -> None:
+    """The longest of `prompts` ((text tokens before, after the image)) at layer 0, its text around the plan's
+    visual tokens, plus the `new_tokens` the verification generates, must fit --max-seq-len."""
+    before, after = max(prompts, key=lambda p: plan.prompt_length(*p))
+    longest = plan.prompt_length(before, after)
+    need = longest + new_tokens
+    if need <= max_seq_len:
+        return
+    generated = f" + {new_tokens} tokens the verification generates" if new_tokens else ""
+    hint = f"give --max-seq-len {need} or more" if positions is None or need <= positions else (
+        f"the model has {positions} positions: keep fewer visual tokens before the LLM (--variant v or vl)")
+    raise SequenceLengthError(
+        f"--max-seq-len {max_seq_len} is shorter than the {need} tokens this build needs: a prompt of {longest} tokens "
+        f"at layer 0 ({before + after} text + {plan.visual_tokens} visual){generated}; {hint}")

@@ -17,7 +17,7 @@ from transformers.models.llama import modeling_llama
 
 from ficoco.config import Step
 from ficoco.core import LanguageStepParams, language_step
-from runtime import names
+from ficoco.plan import BuildPlan
 
 
 def buffer_attention(attn: nn.Module, x: Tensor, cos_sin, past_k: Tensor, past_v: Tensor, past_length: Tensor):
@@ -110,13 +110,12 @@ class EmbedGraph(nn.Module):
         return self.embed(input_ids)
 
 
-def segments(model: nn.Module, reduction_layers: tuple[int, ...]) -> list[DecoderSegment]:
-    """decoder.0 .. decoder.S for a decoder split at `reduction_layers`."""
-    layers = model.config.text_config.num_hidden_layers
-    out = []
-    for s in range(len(reduction_layers) + 1):
-        enter = reduction_layers[s - 1] if s else None
-        out.append(DecoderSegment(model, enter, names.segment_layers(s, reduction_layers, layers), s < len(reduction_layers)))
+def segments(model: nn.Module, plan: BuildPlan) -> list[DecoderSegment]:
+    """decoder.0 .. decoder.S: the plan's segments (`BuildPlan.segments`)."""
+    out, enter = [], None
+    for segment in plan.segments:
+        out.append(DecoderSegment(model, enter, segment.layers, segment.step is not None))
+        enter = segment.step.layer if segment.step else None
     return out
 
 

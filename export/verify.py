@@ -5,8 +5,8 @@
 Polygraphy's Comparator runs a PyTorch runner and an ONNX Runtime runner on the
 same feeds (two prompts of different lengths): vision.onnx against its torch
 module; the LLM's segments and reductions, chained as the runtime chains them
-(`export.chain`: embeddings from the stored table, cache buffers with masked
-stale rows), against the patched Hugging Face decoder itself (prefill and one
+(`runtime.chain` on the runtime's own ONNX Runtime backend: embeddings from the stored
+table, cache buffers with masked stale rows), against the patched Hugging Face decoder itself (prefill and one
 decode step). Every output is judged by `export.gates` (limits relative to the
 output's magnitude, derived from the precision and the reduction lengths; kept
 sets as overlaps, FiCoCo-L's from the reduce graphs' `kept` outputs; token rows
@@ -18,7 +18,6 @@ teacher-forced next-token agreement over several prompts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections import OrderedDict
@@ -31,11 +30,13 @@ from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator
 
-from ficoco.patch import llama
+from ficoco.patch.observe import LanguageEvent, observing
 from runtime import loop, names
+from runtime.errors import BackendError
+from runtime.manifest import Build, BuildError
 
 from . import gates
-from .chain import HostRunner
+from .runners import HostRunner
 
 NEW_TOKENS = 32
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # bf16: ONNX Runtime CPU has no kernels, never verified
@@ -105,21 +106,9 @@ def model_limits(model, precision: str, prompt_length: int) -> dict[str, gates.L
 # --------------------------------------------------------------------------- FiCoCo-L's kept set
 
 
-@contextlib.contextmanager
-def recording_language_kept(recorded: list):
-    """Record, in torch, each FiCoCo-L step's kept indices within the visual span ([1, k] int64)."""
-    original = llama.language_step
-
-    def recorder(x, attn, start, length, r, params):
-        out, rows = original(x, attn, start, length, r, params)
-        recorded.append(rows[:, start:start + length - r] - start)
-        return out, rows
-
-    llama.language_step = recorder
-    try:
-        yield
-    finally:
-        llama.language_step = original
+def language_kept(events: list) -> list[torch.Tensor]:
+    """Each observed FiCoCo-L step's kept indices within its visual span ([1, k] int64), in running order."""
+    return [event.kept for event in events if isinstance(event, LanguageEvent)]
 
 
 def span_positions(kept_per_step: list[np.ndarray]) -> list[np.ndarray]:
@@ -161,22 +150,15 @@ def graph_functions(graphs) -> dict:
     layers = graphs.layers
 
     def prefill(f):
-        recorded: list = []
-        with recording_language_kept(recorded):
+        with observing() as events:  # the reference's FiCoCo-L steps report what they kept
             out = graphs.prefill(f[names.INPUT_IDS_BEFORE], f[names.IMAGE_FEATURES], f[names.INPUT_IDS_AFTER])
-        return (*out, *recorded)
+        return (*out, *language_kept(events))
 
     def decode(f):
         out = graphs.decode(f[names.INPUT_IDS], f[names.POSITION_IDS], [f[n] for n in names.cache_names(names.past, layers)])
         return (out[0], *(t[:, :, -1:] for t in out[1:]))
 
     return {names.VISION: lambda f: graphs.vision(f[names.PIXEL_VALUES]), PREFILL: prefill, DECODE: decode}
-
-
-def chain_of(directory: Path, graphs, embedding: dict, capacity: int, weights: str | None = None):
-    from .chain import OnnxChain
-
-    return OnnxChain(directory, list(graphs.exported), embedding, graphs.plan.reduction_layers, graphs.layers, capacity, weights)
 
 
 def onnx_runner(onnx_path: Path, outputs: list[str]) -> tuple[OnnxrtRunner, None]:
@@ -294,27 +276,31 @@ def judge_decode(pairs, limits: gates.Limits) -> dict:
     return {name: worst(per_feed) for name, per_feed in figures.items()}
 
 
-def compare_graphs(directory: Path, graphs, samples: list[Sample], limits: dict, embedding: dict) -> dict:
-    """vision.onnx and the LLM chain (both phases) against torch; {part: {"outputs": {name: figures}, "passed"}}."""
-    from .chain import ChainRunner
+def compare_graphs(build: Build, graphs, samples: list[Sample], limits: dict) -> dict:
+    """vision.onnx and the LLM chain (both phases, the runtime's ONNX Runtime backend) against torch;
+    {part: {"outputs": {name: figures}, "passed"}}."""
+    from runtime.backend_ort import OrtBackend
+
+    from .runners import BackendRunner
 
     feeds, functions = graph_feeds(graphs, samples), graph_functions(graphs)
     steps, layers = graphs.plan.language, graphs.layers
     kept_names = [f"language_kept.{step.layer}" for step in steps]
-    chain = chain_of(directory, graphs, embedding, capacity=max(f[names.POSITION_IDS][0, 0] for f in feeds[DECODE]) + 8)
+    backend = OrtBackend(build)
     caches = names.cache_names(names.present, layers)
     record = {}
-    judged = judge_vision(run_pair(functions[names.VISION], directory / "vision.onnx", feeds[names.VISION],
-                                   names.io_names(names.VISION, (), layers)[1]), limits["vision"], graphs.plan)
+    judged = judge_vision(run_pair(functions[names.VISION], build.path("graphs", names.VISION), feeds[names.VISION],
+                                   names.io_names(names.VISION, graphs.plan)[1]), limits["vision"], graphs.plan)
     record[names.VISION] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
-    pairs = run_pair(functions[PREFILL], None, feeds[PREFILL], [names.LOGITS, *caches, *kept_names],
-                     ChainRunner(chain, PREFILL, feed_metadata(feeds[PREFILL])))
-    judged = judge_prefill(pairs, feeds[PREFILL], limits["text"], steps, kept_names, layers)
-    record[PREFILL] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
-    pairs = run_pair(functions[DECODE], None, feeds[DECODE], [names.LOGITS, *caches],
-                     ChainRunner(chain, DECODE, feed_metadata(feeds[DECODE])))
-    judged = judge_decode(pairs, limits["text"])
-    record[DECODE] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
+    for phase, outputs, judge in ((PREFILL, [names.LOGITS, *caches, *kept_names],
+                                   lambda pairs: judge_prefill(pairs, feeds[PREFILL], limits["text"], steps, kept_names, layers)),
+                                  (DECODE, [names.LOGITS, *caches], lambda pairs: judge_decode(pairs, limits["text"]))):
+        try:
+            judged = judge(run_pair(functions[phase], None, feeds[phase], outputs,
+                                    BackendRunner(backend, phase, feed_metadata(feeds[phase]))))
+        except BackendError as error:  # the chain itself refused the graphs (shapes the plan does not give)
+            judged = {"chain": {"passed": False, "reason": str(error)}}
+        record[phase] = {"outputs": judged, "passed": all(f["passed"] for f in judged.values())}
     return record
 
 
@@ -322,30 +308,21 @@ def compare_graphs(directory: Path, graphs, samples: list[Sample], limits: dict,
 
 
 class OnnxModel:
-    """The build's graphs on ONNX Runtime (CPU), chained as the runtime does, as step functions for `runtime.loop`."""
+    """The build on the runtime's ONNX Runtime backend (CPU), as step functions for `runtime.loop`."""
 
-    def __init__(self, directory: Path, graphs, embedding: dict, capacity: int, weights: str | None = None):
-        import onnxruntime as ort
+    def __init__(self, build: Build, weights: str | None = None):
+        from runtime.backend_ort import OrtBackend
 
-        from runtime.backend_ort import session_options
-
-        self.vision = ort.InferenceSession(str(directory / "vision.onnx"), session_options(ort, weights=weights),
-                                           providers=["CPUExecutionProvider"])
-        self.chain, self.plan = chain_of(directory, graphs, embedding, capacity, weights), graphs.plan
+        self.backend, self.plan = OrtBackend(build, weights=weights), build.plan
 
     def steps(self, sample: Sample):
         """(prefill, decode, prompt length) for one sample."""
-        features = self.vision.run([names.IMAGE_FEATURES], {names.PIXEL_VALUES: sample.pixel_values})[0]
+        features = self.backend.vision(sample.pixel_values).copy()
 
         def prefill():
-            logits, cache, _ = self.chain.prefill(sample.before, features, sample.after)
-            return logits, cache
+            return self.backend.prefill(sample.before, features, sample.after)
 
-        def decode(token: int, position: int, cache):
-            logits, cache, _ = self.chain.decode(token, position, cache)
-            return logits, cache
-
-        return prefill, decode, self.plan.prompt_length(sample.before.shape[1], sample.after.shape[1])
+        return prefill, self.backend.decode, self.plan.prompt_length(sample.before.shape[1], sample.after.shape[1])
 
     def greedy(self, sample: Sample, eos: set[int]) -> list[int]:
         prefill, decode, length = self.steps(sample)
@@ -379,13 +356,15 @@ def torch_tokens(model, sample: Sample) -> list[int]:
     return out[0, sample.hf_inputs["input_ids"].shape[1] :].tolist()
 
 
-def end_to_end(directory: Path, model, graphs, samples: list[Sample], limits: gates.Limits, embedding: dict) -> dict:
+def end_to_end(build: Build, model, samples: list[Sample], limits: gates.Limits) -> dict:
     """Greedy tokens on the first prompt; teacher-forced next-token agreement over every prompt."""
-    longest = max(graphs.plan.prompt_length(s.before.shape[1], s.after.shape[1]) for s in samples) + NEW_TOKENS
-    onnx_model = OnnxModel(directory, graphs, embedding, capacity=longest + 3)
+    onnx_model = OnnxModel(build)
     references = [torch_tokens(model, sample) for sample in samples]
-    ours = onnx_model.greedy(samples[0], eos_ids(model))
-    forced = [onnx_model.teacher_forced(s, ref) for s, ref in zip(samples, references)]
+    try:
+        ours = onnx_model.greedy(samples[0], eos_ids(model))
+        forced = [onnx_model.teacher_forced(s, ref) for s, ref in zip(samples, references)]
+    except BackendError as error:  # the chain refused the graphs: nothing to compare
+        return {"onnx_tokens": [], "torch_tokens": references[0], "identical": False, "error": str(error), "passed": False}
     agreement = gates.token_agreement([t for ref in references for t in ref], [t for f in forced for t in f])
     greedy_ok = ours == references[0] or not limits.greedy_exact
     return {"onnx_tokens": ours, "torch_tokens": references[0], "identical": ours == references[0],
@@ -393,15 +372,16 @@ def end_to_end(directory: Path, model, graphs, samples: list[Sample], limits: ga
             "passed": greedy_ok and agreement >= limits.tokens}
 
 
-def verify(directory: Path, model, processor, graphs, precision: str, embedding: dict) -> dict:
-    """All checks of a build; returns the parity record (also what parity.json holds)."""
-    image_token = model.config.image_token_id
+def verify(build: Build, model, processor, graphs) -> dict:
+    """All checks of a build (its manifest, written or about to be); returns the parity record (also what
+    parity.json holds)."""
+    image_token, precision = model.config.image_token_id, build.precision
     dtype = NUMPY_DTYPES[precision]
     samples = [make_sample(processor, image_token, text, dtype) for text in TEACHER_FORCED_PROMPTS]
     longest = max(graphs.plan.prompt_length(s.before.shape[1], s.after.shape[1]) for s in samples) + NEW_TOKENS
     limits = model_limits(model, precision, longest)
-    record = {"limits": {k: v.to_dict() for k, v in limits.items()}, "graphs": compare_graphs(directory, graphs, samples[:2], limits, embedding)}
-    record["end_to_end"] = end_to_end(directory, model, graphs, samples, limits["text"], embedding)
+    record = {"limits": {k: v.to_dict() for k, v in limits.items()}, "graphs": compare_graphs(build, graphs, samples[:2], limits)}
+    record["end_to_end"] = end_to_end(build, model, samples, limits["text"])
     record["passed"] = record["end_to_end"]["passed"] and all(g["passed"] for g in record["graphs"].values())
     return record
 
@@ -411,17 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("build", type=Path)
     parser.add_argument("--model", help="the checkpoint directory the build was made from (not needed for presets)")
     args = parser.parse_args(argv)
-    from runtime.manifest import BuildError, read
-
     from .reload import reload_for_verify
 
     try:
-        manifest = read(args.build)
-        model, processor, graphs = reload_for_verify(manifest, args.model)
+        build = Build.from_directory(args.build)
+        model, processor, graphs = reload_for_verify(build, args.model)
     except (BuildError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    record = verify(args.build, model, processor, graphs, manifest["precision"], manifest["embedding"])
+    record = verify(build, model, processor, graphs)
     print("\n".join(gates.report_lines(record)))
     return 0 if record["passed"] else 1
 

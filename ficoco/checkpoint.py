@@ -1,6 +1,7 @@
 """Is a local checkpoint directory complete and readable? Checked before anything is loaded.
 
-`check_checkpoint(directory)` raises `ModelSourceError` (a ValueError) naming the file and what is
+`check_checkpoint(directory)` raises `ModelSourceError` (a ValueError, defined here and also raised by
+`ficoco.presets` for a model argument that is neither a preset nor a directory) naming the file and what is
 wrong with it; it reads headers and small files only, never the weights themselves:
 
 * architecture: config.json's first `architectures` entry has a FiCoCo adapter.
@@ -20,12 +21,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .presets import ModelSourceError
-
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 JSON_FILES = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json", INDEX)
+
+
+class ModelSourceError(ValueError):
+    """A model argument is neither a known preset nor a usable checkpoint directory."""
 
 
 def _json_object(path: Path) -> dict:

@@ -24,6 +24,7 @@ How much is kept:
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 VARIANTS = ("v", "l", "vl")
@@ -50,6 +51,9 @@ class FiCoCoConfig:
     crop_layout: str = "auto"
 
     def __post_init__(self) -> None:
+        # lists (a JSON manifest, a caller's [4, 8]) become tuples: the config stays hashable, as the patch needs
+        object.__setattr__(self, "window", _int_tuple("window", self.window))
+        object.__setattr__(self, "language_layers", _int_tuple("language_layers", self.language_layers))
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if (self.ratio is None) == (self.tokens is None):
@@ -71,9 +75,15 @@ class FiCoCoConfig:
             raise ValueError(f"vision_start_layer must be >= 0, got {self.vision_start_layer}")
         if self.crop_layout not in ("auto", "crops"):
             raise ValueError(f"crop_layout must be 'auto' or 'crops', got {self.crop_layout!r}")
-        layers = tuple(self.language_layers)
+        layers = self.language_layers
         if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
             raise ValueError(f"language_layers must be distinct ascending layer indices >= 0, got {layers}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FiCoCoConfig:
+        """The inverse of `dataclasses.asdict` (what a manifest's `ficoco` holds; other keys are ignored)."""
+        fields = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
 
     @property
     def reduces_vision(self) -> bool:
@@ -90,6 +100,16 @@ class FiCoCoConfig:
         if self.tokens > patches:
             raise ValueError(f"tokens={self.tokens} is more than the {patches} visual tokens per image of this model")
         return self.tokens / patches
+
+
+def _int_tuple(name: str, value: object) -> tuple[int, ...]:
+    """`value` (a list, tuple or range of ints) as a tuple of ints; ValueError naming it otherwise."""
+    try:
+        if isinstance(value, (str, bytes)) or any(isinstance(i, bool) for i in value):
+            raise TypeError
+        return tuple(operator.index(i) for i in value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints, got {name}={value!r}") from None
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import FiCoCoConfig, ModelGeometry, Schedule
+from .config import FiCoCoConfig, Schedule
+from .geometry import config_geometry, text_geometry
 from .plan import BuildPlan
 from .plan import plan as build_plan
 
 TEXT_TOKENS = 60  # the paper's "about 60" text tokens of a prompt
+ANY_PROMPT = 1 << 20  # FLOPs do not depend on the cache: the plans counted here hold any prompt
 VARIANTS = ("v", "l", "vl")
 
 
@@ -31,18 +33,19 @@ class Transformer:
     layers: int
     heads: int
     kv_heads: int
+    head_dim: int
     gated_mlp: bool  # Llama (gate, up, down) vs CLIP (fc1, fc2)
 
     def __post_init__(self) -> None:
-        assert self.hidden % self.heads == 0 and self.heads % self.kv_heads == 0, self
+        assert self.heads % self.kv_heads == 0, self
 
     def layer_flops(self, tokens: int, keys: int | None = None) -> float:
         """One layer on `tokens` queries attending over `keys` (default: the same tokens)."""
         keys = tokens if keys is None else keys
-        kv_width = self.hidden // self.heads * self.kv_heads
-        projections = 2 * self.hidden * self.hidden + 2 * self.hidden * kv_width  # q, o; k, v
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        projections = 2 * self.hidden * q_width + 2 * self.hidden * kv_width  # q, o; k, v
         mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-        attention = 2 * tokens * keys * self.hidden  # Q K^T and A V
+        attention = 2 * tokens * keys * q_width  # Q K^T and A V
         return 2.0 * tokens * (projections + mlp) + 2.0 * attention
 
     def stack_flops(self, tokens_in: int, steps: dict[int, int], stop: int | None = None) -> float:
@@ -56,16 +59,15 @@ class Transformer:
 
 def text_of(config: dict) -> Transformer:
     """From a Hugging Face text config dict (Llama)."""
-    heads = config["num_attention_heads"]
-    return Transformer(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
-                       heads, config.get("num_key_value_heads") or heads, gated_mlp=True)
+    t = text_geometry(config)
+    return Transformer(t.hidden, config["intermediate_size"], t.layers, t.heads, t.kv_heads, t.head_dim, gated_mlp=True)
 
 
 def vision_of(config: dict) -> Transformer:
     """From a Hugging Face CLIP vision config dict."""
     heads = config["num_attention_heads"]
     return Transformer(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
-                       heads, heads, gated_mlp=False)
+                       heads, heads, config["hidden_size"] // heads, gated_mlp=False)
 
 
 def prefill_flops(text: Transformer, text_tokens: int, visual_tokens: int, language_steps: dict[int, int]) -> float:
@@ -85,32 +87,6 @@ def vision_flops(vision: Transformer, crops: int, patches: int, vision_steps: di
 # every width filled in). The visual tokens are the build's (`ficoco.plan`): LLaVA-NeXT counts
 # the anyres grid with most crops plus the base crop, `crops x k` tokens, and one image_newline
 # token per grid row (2 x 2 grid: 5 x 576 + 2 = 2882 for llava-v1.6), as the manifest does.
-
-
-def config_geometry(config: dict) -> ModelGeometry:
-    """ModelGeometry from a config dict (as `ficoco.patch.llava.geometry_of` does from a loaded model)."""
-    vision, text = config["vision_config"], config["text_config"]
-    feature = config.get("vision_feature_layer", -2)
-    if not isinstance(feature, int):  # as ficoco.patch.llava: bad input is a ValueError naming it
-        raise ValueError(f"vision_feature_layer={feature} (several layers) is not supported by FiCoCo")  # noqa: TRY004
-    layers = vision["num_hidden_layers"]
-    hidden_index = feature if feature >= 0 else layers + 1 + feature
-    side = vision["image_size"] // vision["patch_size"]
-    return ModelGeometry((side, side), layers, hidden_index - 1, text["num_hidden_layers"])
-
-
-def anyres_grid(config: dict, grid: tuple[int, int] | None = None) -> tuple[int, int] | None:
-    """LLaVA-NeXT: the anyres grid counted (default: the one with most crops); None for LLaVA-1.5."""
-    pinpoints = config.get("image_grid_pinpoints") if config.get("model_type") == "llava_next" else None
-    if not pinpoints:
-        if grid is not None:
-            raise ValueError("an anyres grid applies to LLaVA-NeXT configs only")
-        return None
-    side = config["vision_config"]["image_size"]
-    grids = sorted({(h // side, w // side) for h, w in pinpoints})
-    if grid is not None and tuple(grid) not in grids:
-        raise ValueError(f"grid {grid[0]}x{grid[1]} is not one of {', '.join(f'{r}x{c}' for r, c in grids)}")
-    return tuple(grid) if grid is not None else max(grids, key=lambda g: (g[0] * g[1], g))
 
 
 @dataclass(frozen=True)
@@ -143,16 +119,18 @@ def count(config: dict, variant: str = "none", tokens: int | None = None, text_t
     geometry = config_geometry(config)
     tokens = geometry.patches if tokens is None else tokens
     ficoco = None if variant == "none" or tokens == geometry.patches else FiCoCoConfig(variant, tokens=tokens)
-    p = build_plan(config, ficoco, anyres_grid(config, grid))
-    schedule = Schedule(p.vision, p.language)
-    return Count(
-        variant, tokens, p.crops, p.visual_tokens, schedule,
-        vision=vision_flops(vision_of(config["vision_config"]), p.crops, geometry.patches, schedule.vision_tokens,
-                            geometry.feature_layer),
-        prefill=prefill_flops(text_of(config["text_config"]), text_tokens, p.visual_tokens,
-                              {s.layer: s.tokens_out for s in p.language}),
-        plan=p,
-    )
+    p = build_plan(config, ficoco, grid, max_seq_len=ANY_PROMPT)
+    vision, prefill = plan_flops(config, p, text_tokens)
+    return Count(variant, tokens, p.crops, p.visual_tokens, Schedule(p.vision, p.language), vision, prefill, plan=p)
+
+
+def plan_flops(config: dict, p: BuildPlan, text_tokens: int = TEXT_TOKENS) -> tuple[float, float]:
+    """(vision encoder, prefill) FLOPs of build plan `p` of a LLaVA config dict, with `text_tokens` text tokens."""
+    vision = vision_flops(vision_of(config["vision_config"]), p.crops, p.patches_per_crop,
+                          {s.layer: s.tokens_out for s in p.vision}, p.geometry.feature_layer)
+    prefill = prefill_flops(text_of(config["text_config"]), text_tokens, p.visual_tokens,
+                            {s.layer: s.tokens_out for s in p.language})
+    return vision, prefill
 
 
 def tokens_for_budget(model_config: dict, tflops: float, variant: str = "v", text_tokens: int = TEXT_TOKENS,

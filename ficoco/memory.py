@@ -6,7 +6,7 @@ when the LM head is tied to it: the table then lives once, with the LM head),
 and the decoder split at each FiCoCo-L reduction layer into `decoder.0`,
 `decoder.1`, ... (the last segment holds the final norm and the LM head; the
 `reduce.N` graphs are weightless). Plus one KV-cache buffer per decoder layer,
-allocated once (`kv_capacities`), and an activation / workspace estimate.
+allocated once at the build plan's capacities (`BuildPlan.capacities`), and an activation / workspace estimate.
 Caches are sized for `max_seq_len`: FiCoCo-L shortens those after its layers,
 FiCoCo-V only the prompt (so the prefill's activations, through `prompt_len`).
 The token table is counted as device memory although the runtime looks text
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import FiCoCoConfig, Step
-from .flops import anyres_grid
+from .geometry import text_config, text_geometry
+from .plan import BuildPlan, plan
 
 GiB = 2**30
 FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -83,18 +84,6 @@ class Block:
         return sum(x.nbytes(weights, block_size) for x in self.linears) + self.other * other
 
 
-def text_config(config: dict) -> dict:
-    """The Llama config of a LLaVA config dict (or `config` itself when it is one)."""
-    return config.get("text_config", config)
-
-
-def text_dims(config: dict) -> tuple[int, int, int, int]:
-    """(hidden, heads, kv_heads, head_dim) of the decoder, with Llama's defaults."""
-    text = text_config(config)
-    hidden, heads = text["hidden_size"], text["num_attention_heads"]
-    return hidden, heads, text.get("num_key_value_heads") or heads, text.get("head_dim") or hidden // heads
-
-
 def tied_embeddings(config: dict) -> bool:
     """Whether the LM head shares the token table, as transformers 5 decides: the top-level
     `tie_word_embeddings`; LlavaConfig (not LlavaNextConfig) also takes text_config's."""
@@ -105,7 +94,8 @@ def tied_embeddings(config: dict) -> bool:
 def attention_block(config: dict) -> Block:
     """input_layernorm + q, k, v, o (biases with `attention_bias`); rotary has no parameters."""
     text = text_config(config)
-    hidden, heads, kv_heads, head_dim = text_dims(config)
+    t = text_geometry(config)
+    hidden, heads, kv_heads, head_dim = t.hidden, t.heads, t.kv_heads, t.head_dim
     bias = bool(text.get("attention_bias", False))
     q, kv = Linear(hidden, heads * head_dim, bias), Linear(hidden, kv_heads * head_dim, bias)
     return Block((q, kv, kv, Linear(heads * head_dim, hidden, bias)), other=hidden)
@@ -211,31 +201,9 @@ def weight_bytes(config: dict, weights: str = "fp16", vision_weights: str | None
 # --------------------------------------------------------------------------- KV cache
 
 
-def kv_capacities(config: dict, max_seq_len: int, language_steps: Sequence[Step]) -> list[int]:
-    """Tokens each decoder layer's cache holds: max_seq_len up to the first FiCoCo-L layer (included),
-    then max_seq_len minus every token removed by the steps at earlier layers (a step at L shortens > L)."""
-    layers = text_config(config)["num_hidden_layers"]
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-    removed = {}
-    for step in language_steps:
-        if not 0 <= step.layer < layers:
-            raise ValueError(f"language step at layer {step.layer} is outside the {layers} decoder layers")
-        removed[step.layer] = removed.get(step.layer, 0) + step.r
-    if sum(removed.values()) >= max_seq_len:
-        raise ValueError(f"max_seq_len={max_seq_len} is not more than the {sum(removed.values())} tokens "
-                         "FiCoCo-L removes")
-    capacities, cut = [], 0
-    for layer in range(layers):
-        capacities.append(max_seq_len - cut)
-        cut += removed.get(layer, 0)
-    return capacities
-
-
-def kv_bytes(config: dict, max_seq_len: int, language_steps: Sequence[Step], kv_dtype_bytes: int = 2) -> int:
-    """Sum over layers of 2 (K, V) * kv_heads * head_dim * capacity * kv_dtype_bytes."""
-    _, _, kv_heads, head_dim = text_dims(config)
-    return sum(2 * kv_heads * head_dim * c * kv_dtype_bytes for c in kv_capacities(config, max_seq_len, language_steps))
+def kv_bytes(p: BuildPlan, kv_dtype_bytes: int = 2) -> int:
+    """Sum over layers of 2 (K, V) * kv_heads * head_dim * capacity * kv_dtype_bytes (the plan's capacities)."""
+    return sum(2 * p.text.kv_heads * p.text.head_dim * c * kv_dtype_bytes for c in p.capacities)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -283,7 +251,7 @@ def activation_estimate(config: dict, prompt_len: int, crops: int, act_bytes: in
     which is sized for the optimization profile's largest shapes (plan_memory's engine_memory).
     """
     text, vision = text_config(config), config["vision_config"]
-    _, heads, _, _ = text_dims(config)
+    heads = text_geometry(config).heads
     prefill = prompt_len * (text["hidden_size"] + text["intermediate_size"]) * act_bytes * ACTIVATION_FACTOR
     prefill += heads * prompt_len**2 * (4 + act_bytes) + (prompt_len**2 * 4 if ficoco_l else 0)
     tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1  # per crop
@@ -299,44 +267,41 @@ def describe(ficoco: FiCoCoConfig | None) -> str:
     return f"FiCoCo-{ficoco.variant.upper()} {amount}"
 
 
-def schedule_of(config: dict, ficoco: FiCoCoConfig | None, grid: tuple[int, int] | None = None):
-    """(crops, visual tokens into the LLM, vision steps, language steps), read from the build plan
-    (`ficoco.plan`) with LLaVA-NeXT's anyres `grid` (default: the grid of most crops)."""
-    from .plan import plan
-
-    p = plan(config, ficoco, anyres_grid(config, grid))
-    return p.crops, p.visual_tokens, p.vision, p.language
-
-
 def plan_memory(config: dict, ficoco: FiCoCoConfig | None, max_seq_len: int, weights: str = "fp16",
-                grid: tuple[int, int] | None = None, *, vision_weights: str | None = None,
-                kv_dtype: str | None = None, block_size: int = 32, prompt_len: int | None = None,
-                engine_memory: int | None = None) -> MemoryPlan:
+                grid: tuple[int, int] | None = None, **options) -> MemoryPlan:
     """The memory plan of a build of `config` under `ficoco` (None: unreduced) for a prompt plus answer of
-    up to `max_seq_len` tokens (see weight_bytes, kv_capacities, activation_estimate). `kv_dtype` defaults
-    to fp32 for fp32 weights, else fp16. `prompt_len` (default max_seq_len: a prompt may fill the cache)
-    sizes the prefill's activations. `engine_memory`: TensorRT's device memory (the largest over the
-    build's engines, which run one at a time) replaces the activation estimate."""
+    up to `max_seq_len` tokens: `memory_of` the build plan (`ficoco.plan`) with LLaVA-NeXT's anyres `grid`
+    (default: the grid of most crops)."""
+    p = plan(config, ficoco, grid, max_seq_len)  # ValueError when FiCoCo-L leaves max_seq_len no room
+    return memory_of(config, p, weights, setting=describe(ficoco), **options)
+
+
+def memory_of(config: dict, p: BuildPlan, weights: str = "fp16", *, setting: str = "", vision_weights: str | None = None,
+              kv_dtype: str | None = None, block_size: int = 32, prompt_len: int | None = None,
+              engine_memory: int | None = None) -> MemoryPlan:
+    """The memory plan of a build of `config` with plan `p` (see weight_bytes, kv_bytes, activation_estimate).
+    `kv_dtype` defaults to fp32 for fp32 weights, else fp16. `prompt_len` (default max_seq_len: a prompt may
+    fill the cache) sizes the prefill's activations. `engine_memory`: TensorRT's device memory (the largest
+    over the build's engines, which run one at a time) replaces the activation estimate."""
     kv_dtype = kv_dtype or ("fp32" if weights == "fp32" else "fp16")
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {tuple(KV_DTYPES)}, got {kv_dtype!r}")
-    crops, visual, _, language = schedule_of(config, ficoco, grid)
-    if isinstance(max_seq_len, int) and max_seq_len <= visual:
+    max_seq_len, visual = p.max_seq_len, p.visual_tokens
+    if max_seq_len <= visual:
         raise ValueError(f"max_seq_len={max_seq_len} cannot hold the {visual} visual tokens and a text token")
     prompt_len = max_seq_len if prompt_len is None else prompt_len
     if not (isinstance(prompt_len, int) and visual < prompt_len <= max_seq_len):
         raise ValueError(f"prompt_len must be more than the {visual} visual tokens and at most max_seq_len "
                          f"{max_seq_len}, got {prompt_len!r}")
-    graphs = weight_bytes(config, weights, vision_weights, [s.layer for s in language], block_size)
-    act = activation_estimate(config, prompt_len, crops, 4 if weights == "fp32" else 2, bool(language))
+    graphs = weight_bytes(config, weights, vision_weights, list(p.reduction_layers), block_size)
+    act = activation_estimate(config, prompt_len, p.crops, 4 if weights == "fp32" else 2, bool(p.language))
     return MemoryPlan(
-        model=str(config.get("_name_or_path") or config.get("model_type", "?")), setting=describe(ficoco),
+        model=str(config.get("_name_or_path") or config.get("model_type", "?")), setting=setting or describe(None),
         weight_format=weights, vision_format=vision_weights or weights, kv_dtype=kv_dtype,
-        max_seq_len=max_seq_len, prompt_len=prompt_len, crops=crops, visual_tokens=visual,
-        language_steps=tuple(language),
+        max_seq_len=max_seq_len, prompt_len=prompt_len, crops=p.crops, visual_tokens=visual,
+        language_steps=p.language,
         weights={k: v for k, v in graphs.items() if k != "decoder"},
-        kv_capacities=tuple(kv_capacities(config, max_seq_len, language)),
-        kv_bytes=kv_bytes(config, max_seq_len, language, KV_DTYPES[kv_dtype]),
+        kv_capacities=p.capacities, kv_bytes=kv_bytes(p, KV_DTYPES[kv_dtype]),
         activation_bytes=act if engine_memory is None else engine_memory,
         activation_source="estimate" if engine_memory is None else "TensorRT",
     )

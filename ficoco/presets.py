@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .checkpoint import ModelSourceError, check_checkpoint
+
 PRESET_VERSION = "v1"
 """Bumped whenever the bytes a preset build produces change; part of the cache dir name."""
 
@@ -137,10 +139,6 @@ PRESETS: dict[str, PresetSpec] = {
         image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
     ),
 }
-
-
-class ModelSourceError(ValueError):
-    """A model argument is neither a known preset nor a usable checkpoint directory."""
 
 
 def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
@@ -370,8 +368,6 @@ def resolve_model_dir(name_or_dir: str | Path, cache_dir: str | Path | None = No
     """
     path = Path(name_or_dir).expanduser()
     if path.is_dir() and _has_config(path):
-        from .checkpoint import check_checkpoint
-
         check_checkpoint(path)
         return path
     if str(name_or_dir) in preset_names():

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from .presets import IMAGE_TOKEN, ModelSourceError, PresetSpec, _init_weights, _processor
+from .checkpoint import ModelSourceError
+from .presets import IMAGE_TOKEN, PresetSpec, _init_weights, _processor
 
 # One user turn: images first (one "<image>\n" each), then the text parts; strings work as content too.
 SMOL_CHAT_TEMPLATE = (

@@ -26,8 +26,11 @@ import numpy as np
 
 from runtime import names
 
+from ficoco.plan import Segment
+
+from .chain import Chain
 from .errors import HINTS, BackendError, BackendNotInstalledError
-from .kvcache import Embedding, KVCache, segment_plan
+from .kvcache import Embedding, KVCache, from_bf16_bits, to_bf16_bits  # noqa: F401  (re-exported: bf16 helpers)
 from .manifest import MAX_SEQ_LEN_KEY, Build, BuildError
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -65,68 +68,53 @@ def import_ort() -> Any:
     return onnxruntime
 
 
-def to_bf16_bits(array: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns as uint16 (round to nearest even), for bf16 graph inputs."""
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 class OrtBackend:
-    """ONNX Runtime over a build's graphs (see the module docstring)."""
+    """ONNX Runtime over a build's graphs (see the module docstring): the chain's adapter (`runtime.chain`)."""
 
-    def __init__(self, build: Build, threads: int | None = None):
+    def __init__(self, build: Build, threads: int | None = None, weights: str | None = None):
         ort = import_ort()
-        self.ort, self.build = ort, build
+        self.ort, self.build, self.plan = ort, build, build.plan
         available = ort.get_available_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
         providers = (["CUDAExecutionProvider"] if self.device == "cuda" else []) + ["CPUExecutionProvider"]
-        options = session_options(ort, threads, (build.manifest.get("quantization") or {}).get("weights"))
-        self.sessions = {}
-        for graph in build.graph_names:
-            if graph == names.EMBED:
-                continue  # the runtime looks rows up in its table itself
-            path = build.path("graphs", graph)
-            try:
-                self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph types
-                raise BuildError(f"ONNX Runtime cannot load {str(path)!r}: {' '.join(str(error).split())[:300]}") from None
-            session = self.sessions[graph]  # the graph's own I/O and recorded max_seq_len against the manifest
-            recorded = session.get_modelmeta().custom_metadata_map.get(MAX_SEQ_LEN_KEY)
-            build.check_io(graph, [(t.name, t.shape, t.type) for t in [*session.get_inputs(), *session.get_outputs()]],
-                           int(recorded) if recorded and recorded.isdigit() else None)
+        weights = weights or (build.manifest.get("quantization") or {}).get("weights")
+        options = session_options(ort, threads, weights)
+        self.sessions = {graph: self._session(graph, options, providers) for graph in build.graph_names if graph != names.EMBED}
         self.name = f"onnxruntime {ort.__version__} ({providers[0]})"
         self.types = {graph: {t.name: t.type for t in [*s.get_inputs(), *s.get_outputs()]} for graph, s in self.sessions.items()}
-        self.embedding, self.segments = Embedding(build), segment_plan(build)
         self._allocate()
+        self.chain = Chain(self.plan, Embedding(build), self)
+
+    def _session(self, graph: str, options: Any, providers: list[str]) -> Any:
+        """One graph's session, its own I/O and recorded max_seq_len checked against the manifest."""
+        path = self.build.path("graphs", graph)
+        try:
+            session = self.ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own Fail / InvalidGraph types
+            raise BuildError(f"ONNX Runtime cannot load {str(path)!r}: {' '.join(str(error).split())[:300]}") from None
+        recorded = session.get_modelmeta().custom_metadata_map.get(MAX_SEQ_LEN_KEY)
+        self.build.check_io(graph, [(t.name, t.shape, t.type) for t in [*session.get_inputs(), *session.get_outputs()]],
+                            int(recorded) if recorded and recorded.isdigit() else None)
+        return session
 
     def _allocate(self) -> None:
-        """The cache buffers, once, at each layer's capacity; decode's small in/out arrays."""
-        b, last = self.build, names.decoder(len(self.build.language_steps))
-        self.float = _host_dtype(self.types[last][names.LOGITS])  # the graphs' float type on the host
-        capacities = b.capacities()
-        shape = lambda n: (1, b.kv_heads, n, b.head_dim)  # noqa: E731
-        self.cache = KVCache([np.zeros(shape(n), self.float) for n in capacities],
-                             [np.zeros(shape(n), self.float) for n in capacities], [0] * b.layers, capacities)
-        self.new_rows = {i: (np.zeros(shape(1), self.float), np.zeros(shape(1), self.float)) for i in range(b.layers)}
-        self.logits = np.zeros((1, b.vocab), self.float)  # [1, V]
-        self.features = np.zeros((b.visual_tokens, b.hidden), self.float)  # [n, D]
-        self.bindings = {graph: self.sessions[graph].io_binding() for graph, _, _ in self.segments}
-        self.hidden = {graph: np.zeros((1, 1, b.hidden), self.float) for graph, _, _ in self.segments}  # decode's attended
+        """The cache buffers, once, at each layer's capacity (the plan's); decode's small in/out arrays."""
+        p, t = self.plan, self.plan.text
+        self.float = _host_dtype(self.types[names.decoder(p.segments[-1].index)][names.LOGITS])  # the graphs' float type
+        shape = lambda n: (1, t.kv_heads, n, t.head_dim)  # noqa: E731
+        self.cache = KVCache([np.zeros(shape(n), self.float) for n in p.capacities],
+                             [np.zeros(shape(n), self.float) for n in p.capacities], [0] * t.layers, p.capacities)
+        self.new_rows = {i: (np.zeros(shape(1), self.float), np.zeros(shape(1), self.float)) for i in range(t.layers)}
+        self.logits_row = np.zeros((1, t.vocab), self.float)  # [1, V]
+        self.features = np.zeros((p.visual_tokens, t.hidden), self.float)  # [n, D]
+        self.bindings = {names.decoder(s.index): self.sessions[names.decoder(s.index)].io_binding() for s in p.segments}
+        self.attended = {s.index: np.zeros((1, 1, t.hidden), self.float) for s in p.segments}  # decode's attended
 
     def _run(self, graph: str, feeds: dict) -> list[np.ndarray]:
         try:
             return self.sessions[graph].run(None, feeds)
         except Exception as error:
             raise BackendError(f"ONNX Runtime failed in {graph}: {' '.join(str(error).split())[:300]}") from None
-
-    def _logits(self, row: np.ndarray) -> np.ndarray:
-        """[V] as float32 (bf16 bit patterns converted)."""
-        return from_bf16_bits(row) if row.dtype == np.uint16 else row
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
         """pixel_values [crops, 3, S, S] -> image_features [n, D] (a reused host array)."""
@@ -139,72 +127,101 @@ class OrtBackend:
         type_name = self.types[graph][name]
         return to_bf16_bits(array) if type_name == BF16 else np.ascontiguousarray(array, dtype=_DTYPES[type_name])
 
-    def _empty_past(self, layers: range) -> dict:
-        shape = (1, self.build.kv_heads, 0, self.build.head_dim)
-        return {name: np.zeros(shape, self.float) for name in names.cache_names(names.past, layers)}
+    def _host(self, rows: np.ndarray) -> np.ndarray:
+        """float32 rows in the graphs' float type (bf16 as bit patterns)."""
+        return to_bf16_bits(rows) if self.float == np.uint16 else rows.astype(self.float, copy=False)
 
-    def prefill(self, before: np.ndarray, features: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, KVCache]:
-        """ids before [1, Tb], features [n, D], ids after [1, Ta] -> (logits [V], the cache filled with the prompt)."""
-        before = np.ascontiguousarray(before, dtype=np.int64)
-        hidden = np.concatenate([self.embedding(before), features.astype(self.float, copy=False),
-                                 self.embedding(after)])[None]  # [1, P, D]
-        positions = np.arange(hidden.shape[1], dtype=np.int64)[None]  # [1, P]
-        cache = self.cache
-        cache.lengths[:] = [0] * self.build.layers  # a new sequence: the last one's rows are past
-        cache.check_room(range(1), hidden.shape[1])  # layer 0 holds the whole prompt
-        for graph, reduce, layers in self.segments:
-            feeds = {names.HIDDEN_STATES: hidden, names.POSITION_IDS: positions,
-                     names.PAST_LENGTH: np.zeros(1, np.int64), **self._empty_past(layers)}
-            out = self._run(graph, feeds)
-            for slot, i in enumerate(layers):  # the prompt's rows, once, into the buffers
-                cache.keys[i][:, :, :hidden.shape[1]] = out[2 * slot + (1 if reduce is None else 2)]
-                cache.values[i][:, :, :hidden.shape[1]] = out[2 * slot + (2 if reduce is None else 3)]
-                cache.lengths[i] = hidden.shape[1]
-            if reduce is None:
-                return self._logits(out[0][0]), cache
-            hidden, positions, _ = self._run(reduce, {names.ATTENDED: out[0], names.ATTENTION: out[1],
-                                                      names.POSITION_IDS: positions, names.INPUT_IDS_BEFORE: before})
-        raise AssertionError("the last segment returns the logits")
+    # ------------------------------------------------------------------ the chain's steps (runtime.chain)
 
-    def _bind_segment(self, graph: str, reduce: str | None, layers: range, hidden: np.ndarray) -> Any:
+    def prompt(self, before_rows: np.ndarray, features: np.ndarray, after_rows: np.ndarray, before_ids: np.ndarray) -> None:
+        self.hidden = np.concatenate([self._host(before_rows), features.astype(self.float, copy=False),
+                                      self._host(after_rows)])[None]  # [1, P, D]
+        self.positions = np.arange(self.hidden.shape[1], dtype=np.int64)[None]  # [1, P]
+        self.before_ids = before_ids
+
+    def token(self, row: np.ndarray, position: int) -> None:
+        self.hidden = self._host(row)[None]  # [1, 1, D]
+        self.positions = np.array([[position]], np.int64)
+
+    def segment(self, segment: Segment, q: int, past_length: int, prefill: bool) -> None:
+        """decoder.s: at the prefill over empty past buffers (its layers' q rows copied in once); at decode
+        over the whole buffers bound by pointer (one row per layer copied in)."""
+        if prefill:
+            return self._prefill_segment(segment, q)
+        graph, cache = names.decoder(segment.index), self.cache
+        binding = self._bind_segment(segment, past_length)
+        try:
+            self.sessions[graph].run_with_iobinding(binding)
+        except Exception as error:
+            raise BackendError(f"ONNX Runtime failed in {graph}: {' '.join(str(error).split())[:300]}") from None
+        for i in segment.layers:  # the new token's rows into the buffers: the only write to the cache
+            cache.keys[i][:, :, past_length] = self.new_rows[i][0][:, :, 0]
+            cache.values[i][:, :, past_length] = self.new_rows[i][1][:, :, 0]
+        self.hidden = self.attended[segment.index]
+
+    def _prefill_segment(self, segment: Segment, q: int) -> None:
+        t, graph = self.plan.text, names.decoder(segment.index)
+        empty = {name: np.zeros((1, t.kv_heads, 0, t.head_dim), self.float) for name in names.cache_names(names.past, segment.layers)}
+        out = self._run(graph, {names.HIDDEN_STATES: self.hidden, names.POSITION_IDS: self.positions,
+                                names.PAST_LENGTH: np.zeros(1, np.int64), **empty})
+        first = 1 if segment.step is None else 2  # logits | attended, attention; then the present rows
+        if out[first].shape[2] != q:
+            raise BackendError(f"{graph} returned {out[first].shape[2]} cache rows for the {q} tokens the build's plan "
+                               "gives it (a graph from another build?)")
+        for slot, i in enumerate(segment.layers):  # the prompt's rows, once, into the buffers
+            self.cache.keys[i][:, :, :q] = out[first + 2 * slot]
+            self.cache.values[i][:, :, :q] = out[first + 2 * slot + 1]
+        self.out = out
+
+    def reduce(self, segment: Segment, q: int, text_before: int) -> np.ndarray:
+        """reduce.{s+1} on decoder.s's attended [1, q, D] and attention map -> the reduced hidden states; returns kept."""
+        graph = names.reduce(segment.index + 1)
+        self.hidden, self.positions, kept = self._run(graph, {
+            names.ATTENDED: self.out[0], names.ATTENTION: self.out[1],
+            names.POSITION_IDS: self.positions, names.INPUT_IDS_BEFORE: self.before_ids})
+        if kept.shape[1] != segment.step.tokens_out or self.hidden.shape[1] != q - segment.step.r:
+            raise BackendError(f"{graph} kept {kept.shape[1]} of {segment.step.tokens_in} visual tokens; the build's plan "
+                               f"keeps {segment.step.tokens_out} (a graph from another build?)")
+        return kept
+
+    def logits(self) -> np.ndarray:
+        """[V] as float32 (bf16 bit patterns converted)."""
+        row = self.out[0][0] if self.out is not None else self.logits_row[0]
+        self.out = None
+        return from_bf16_bits(row) if row.dtype == np.uint16 else row
+
+    def _bind_segment(self, segment: Segment, past_length: int) -> Any:
         """decode's IO binding of one segment: every buffer by pointer, the new rows into small arrays."""
-        binding, cache = self.bindings[graph], self.cache
+        graph = names.decoder(segment.index)
+        binding, cache, self.out = self.bindings[graph], self.cache, None
         binding.clear_binding_inputs(), binding.clear_binding_outputs()
-        binding.bind_cpu_input(names.HIDDEN_STATES, hidden)
-        binding.bind_cpu_input(names.POSITION_IDS, self.position)
-        binding.bind_cpu_input(names.PAST_LENGTH, np.array([cache.lengths[layers[0]]], np.int64))
-        for i in layers:
+        binding.bind_cpu_input(names.HIDDEN_STATES, self.hidden)
+        binding.bind_cpu_input(names.POSITION_IDS, self.positions)
+        binding.bind_cpu_input(names.PAST_LENGTH, np.array([past_length], np.int64))
+        for i in segment.layers:
             for kind, buffers, new in (("key", cache.keys, 0), ("value", cache.values, 1)):
                 buffer = buffers[i]
                 binding.bind_input(names.past(i, kind), "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
                 out = self.new_rows[i][new]
                 binding.bind_output(names.present(i, kind), "cpu", 0, out.dtype, out.shape, out.ctypes.data)
-        if reduce is None:
-            binding.bind_output(names.LOGITS, "cpu", 0, self.logits.dtype, self.logits.shape, self.logits.ctypes.data)
+        if segment.step is None:
+            row = self.logits_row
+            binding.bind_output(names.LOGITS, "cpu", 0, row.dtype, row.shape, row.ctypes.data)
         else:
-            out = self.hidden[graph]
+            out = self.attended[segment.index]
             binding.bind_output(names.ATTENDED, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
             binding.bind_output(names.ATTENTION, "cpu")
         return binding
 
+    # ------------------------------------------------------------------ the Backend interface (runtime.backend)
+
+    def prefill(self, before: np.ndarray, features: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        """ids before [1, Tb], features [n, D], ids after [1, Ta] -> (logits [V], the cache filled with the prompt)."""
+        return self.chain.prefill(before, features, after)
+
     def decode(self, token: int, position: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """One token at `position` -> (logits [V], the same cache, one row longer in every layer)."""
-        hidden = self.embedding(np.array([token]))[None].astype(self.float, copy=False)  # [1, 1, D]
-        self.position = np.array([[position]], np.int64)
-        cache.check_room(range(self.build.layers), 1)
-        for graph, reduce, layers in self.segments:
-            binding = self._bind_segment(graph, reduce, layers, hidden)
-            try:
-                self.sessions[graph].run_with_iobinding(binding)
-            except Exception as error:
-                raise BackendError(f"ONNX Runtime failed in {graph}: {' '.join(str(error).split())[:300]}") from None
-            for i in layers:  # the new token's rows into the buffers: the only write to the cache
-                row = cache.lengths[i]
-                cache.keys[i][:, :, row] = self.new_rows[i][0][:, :, 0]
-                cache.values[i][:, :, row] = self.new_rows[i][1][:, :, 0]
-                cache.lengths[i] = row + 1
-            hidden = self.hidden[graph]
-        return self._logits(self.logits[0]), cache
+        return self.chain.decode(token, position, cache)
 
     def cache_lengths(self, cache: KVCache) -> tuple[int, ...]:
         """len_i of every layer."""
@@ -212,11 +229,7 @@ class OrtBackend:
 
     def empty_cache(self, lengths: tuple[int, ...]) -> KVCache:
         """The cache with layer i holding lengths[i] rows (their contents as they are: to time decode steps)."""
-        if len(lengths) != self.build.layers:
-            raise ValueError(f"need {self.build.layers} cache lengths, got {len(lengths)}")
-        self.cache.lengths[:] = [int(n) for n in lengths]
-        self.cache.check_room(range(self.build.layers), 1)
-        return self.cache
+        return self.chain.empty_cache(lengths)
 
     def close(self) -> None:
         self.bindings.clear()

@@ -23,7 +23,7 @@ Each has one optimization profile, which fixes the cache capacity at its segment
   len_i: `2 * layers * Hkv * Dh` values copied per step besides what the engines read and write.
 
 Device buffers, allocated once: the KV cache, per layer a key and a value buffer [1, Hkv,
-capacity_i, Dh] (`Build.capacities`), zeroed once (the graphs mask the rows from past_length on but
+capacity_i, Dh] (`BuildPlan.capacities`), zeroed once (the graphs mask the rows from past_length on but
 still multiply them by zero, and cudaMalloc'd memory may hold NaN); `present`, a scratch for one
 segment's new rows at its capacity, shared by the segments (as large as the largest segment's
 cache); hidden_states / attended [1, max_seq_len, D] and position_ids / reduced_position_ids
@@ -53,7 +53,6 @@ runs it against tests/runtime/fake_tensorrt.py everywhere, and for real where a 
 
 from __future__ import annotations
 
-import importlib
 import mmap
 import os
 import sys
@@ -64,11 +63,16 @@ import numpy as np
 
 from runtime import names
 
-from .backend_ort import from_bf16_bits, to_bf16_bits
+from ficoco.plan import Segment
+
+from .chain import Chain
 from .cuda import open_cuda
-from .errors import TRT_MODULES, BackendError, BackendNotInstalledError, EngineMismatchError, rebuild_hint, trt_install_hint
-from .kvcache import Embedding, KVCache, segment_plan
+from .errors import BackendError, EngineMismatchError, rebuild_hint
+from .kvcache import Embedding, KVCache, from_bf16_bits, to_bf16_bits
 from .manifest import Build, BuildError
+from .trtlib import import_trt
+from .trtlib import last_error as _last_error
+from .trtlib import logger as _logger
 
 _HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT64": np.int64, "INT32": np.int32,
                 "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
@@ -77,48 +81,10 @@ ENGINELESS = (names.EMBED,)  # as export.from_onnx.ENGINELESS: the runtime looks
 ALIGNMENT = 256  # bytes: where each slice of the `present` scratch starts
 
 
-def import_trt(flavour: str, directory: str | Path = ".") -> Any:
-    """The TensorRT module of `flavour` ("tensorrt" | "tensorrt-rtx"), or BackendNotInstalledError."""
-    causes = []
-    for module in TRT_MODULES[flavour]:
-        try:
-            return importlib.import_module(module)
-        except (ImportError, OSError) as error:  # OSError: a wheel whose shared libraries are missing
-            causes.append(f"{module}: {error}")
-    raise BackendNotInstalledError(f"{trt_install_hint(flavour, directory)} ({'; '.join(causes)})")
-
-
 def runtime_cache_dir() -> Path:
     """Where TensorRT-RTX runtime caches live: $FICOCO_CACHE/tensorrt-rtx, else ~/.cache/ficoco/tensorrt-rtx."""
     root = os.environ.get("FICOCO_CACHE")
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "ficoco") / "tensorrt-rtx"
-
-
-_LOGGERS: dict[tuple[str, int], Any] = {}
-
-
-def _logger(trt: Any, flavour: str) -> Any:
-    """One logger per TensorRT module and process: warnings and errors to stderr, errors kept in `.errors`."""
-    key = (flavour, id(trt.ILogger))
-    if key not in _LOGGERS:
-
-        class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
-
-            def log(self, severity: Any, msg: str) -> None:
-                if int(severity) <= int(trt.ILogger.ERROR):
-                    self.errors.append(msg)
-                if int(severity) <= int(trt.ILogger.WARNING):
-                    print(f"[{flavour}] {msg}", file=sys.stderr, flush=True)
-
-        _LOGGERS[key] = _Logger()
-    return _LOGGERS[key]
-
-
-def _last_error(logger: Any, fallback: str) -> str:
-    return " ".join(logger.errors[-1].split()) if logger.errors else fallback
 
 
 def _check_validity(trt: Any, runtime: Any, logger: Any, path: Path, flavour: str, directory: Path) -> None:
@@ -248,9 +214,10 @@ class TensorRTBackend:
                 if graph not in ENGINELESS:
                     self.engines[graph] = _Engine(trt, self.runtime, self.logger, build, graph, flavour)
             self.name = f"{flavour} {trt.__version__} ({self.cuda.name})"
-            self.embedding, self.segments = Embedding(build), segment_plan(build)
+            self.plan = build.plan
             self._check_capacities()
             self._allocate()
+            self.chain = Chain(self.plan, Embedding(build), self)
         except BaseException:
             self.close()
             raise
@@ -269,14 +236,14 @@ class TensorRTBackend:
         return next(iter(found.values()), None)
 
     def _check_capacities(self) -> None:
-        """Each segment's profile fixes its cache capacity; it must be the manifest's (`Build.capacities`)."""
-        capacities = self.build.capacities()
-        for graph, _, layers in self.segments:
-            for name, i in ((names.past(i, kind), i) for i in layers for kind in ("key", "value")):
+        """Each segment's profile fixes its cache capacity; it must be the plan's (`BuildPlan.segments`)."""
+        for segment in self.plan.segments:
+            graph = names.decoder(segment.index)
+            for name, i in ((names.past(i, kind), i) for i in segment.layers for kind in ("key", "value")):
                 low, high = self.engines[graph].profile(name)
-                if len(low) != 4 or low[2] != capacities[i] or high[2] != capacities[i]:
+                if len(low) != 4 or low[2] != segment.capacity or high[2] != segment.capacity:
                     raise BuildError(f"{graph}: the engine takes {name} of capacity {low[2:3]}..{high[2:3]}, but this build's "
-                                     f"max_seq_len gives layer {i} {capacities[i]}; rebuild the engines: "
+                                     f"max_seq_len gives layer {i} {segment.capacity}; rebuild the engines: "
                                      f"{rebuild_hint(self.build.directory, self.build.tensorrt_flavour)}")
 
     def _allocate(self) -> None:
@@ -292,21 +259,22 @@ class TensorRTBackend:
             self._malloc(name, tokens * b.hidden * self.float.itemsize)
         for name in (names.POSITION_IDS, names.REDUCED_POSITION_IDS):
             self._malloc(name, tokens * ints.itemsize)
-        for name, count in ((names.ATTENTION, tokens * tokens), (names.INPUT_IDS_BEFORE, tokens), (names.KEPT, b.visual_tokens)):
+        for name, count in ((names.ATTENTION, tokens * tokens), (names.INPUT_IDS_BEFORE, tokens), (names.KEPT, b.plan.visual_tokens)):
             dtype = self._shared_dtype(lambda n, name=name: n == name, name)
             if dtype is not None:  # FiCoCo-L's tensors
                 self._malloc(name, count * dtype.itemsize)
         self.past_lengths = {}  # per segment: its past_length, on the host and in a device buffer of its own
-        for graph, _, _ in self.segments:
+        for graph in (names.decoder(s.index) for s in self.plan.segments):
             self.past_lengths[graph] = np.zeros(1, self.engines[graph].dtypes[names.PAST_LENGTH])
             self._malloc(f"{graph}.{names.PAST_LENGTH}", self.past_lengths[graph].nbytes)
-        self.logits_host = np.zeros((1, b.vocab), self.engines[self.segments[-1][0]].dtypes[names.LOGITS])  # [1, V]
+        last = names.decoder(self.plan.segments[-1].index)
+        self.logits_host = np.zeros((1, b.vocab), self.engines[last].dtypes[names.LOGITS])  # [1, V]
         self._malloc(names.LOGITS, self.logits_host.nbytes)
         self._allocate_cache()
 
     def _allocate_cache(self) -> None:
         """Per layer a key and a value buffer at its capacity, zeroed once; the `present` scratch, in slices per segment."""
-        b, capacities = self.build, self.build.capacities()
+        b, capacities = self.build, self.plan.capacities
         self.cache_dtype = self._shared_dtype(lambda n: n.startswith(("past.", "present.")), "the KV cache")
         self.row = b.head_dim * self.cache_dtype.itemsize  # bytes of one token's key (or value) in one head
         buffers = {}
@@ -315,8 +283,8 @@ class TensorRTBackend:
             for i, pointer in enumerate(buffers[kind]):
                 self.cuda.memset(pointer, b.kv_heads * capacities[i] * self.row)
         self.cache = KVCache(buffers["key"], buffers["value"], [0] * b.layers, capacities)
-        self.slice = {graph: _aligned(b.kv_heads * capacities[layers[0]] * self.row) for graph, _, layers in self.segments}
-        self._malloc("present", max(2 * len(layers) * self.slice[graph] for graph, _, layers in self.segments))
+        self.slice = {names.decoder(s.index): _aligned(b.kv_heads * s.capacity * self.row) for s in self.plan.segments}
+        self._malloc("present", max(2 * len(s.layers) * self.slice[names.decoder(s.index)] for s in self.plan.segments))
 
     def _run(self, graph: str) -> None:
         if not self.engines[graph].context.execute_async_v3(self.cuda.stream):
@@ -348,21 +316,9 @@ class TensorRTBackend:
         dtype = self.engines[graph].dtypes[name]
         return to_bf16_bits(array) if dtype == np.uint16 else np.ascontiguousarray(array, dtype=dtype)
 
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
-        """Embedding rows [q, D] as float32 (the table may hold bf16 bit patterns)."""
-        rows = self.embedding(ids)
-        return from_bf16_bits(rows) if rows.dtype == np.uint16 else rows
-
     def _put(self, pointer: int, host: np.ndarray) -> None:
         if host.nbytes:
             self.cuda.upload(pointer, host)
-
-    def _logits(self) -> np.ndarray:
-        """Download logits [1, V] after the run and synchronize; returns [V] as float32."""
-        self.cuda.download(self.logits_host, self.buffers[names.LOGITS])
-        self.cuda.sync()  # only now does logits_host hold this step's values
-        row = self.logits_host[0]
-        return from_bf16_bits(row) if row.dtype == np.uint16 else row.astype(np.float32, copy=False)
 
     def vision(self, pixel_values: np.ndarray) -> int:
         """pixel_values [crops, 3, S, S] -> device pointer of image_features [n, D]."""
@@ -391,7 +347,7 @@ class TensorRTBackend:
 
     def _segment(self, graph: str, last: bool, layers: range, q: int, io: tuple[int, int, int], past_length: int) -> None:
         """Queue decoder segment `graph` on q tokens, io = (hidden_states, position_ids, attended) pointers, with its
-        layers' whole buffers as the past; then its new rows into the buffers (`_write_rows`)."""
+        layers' whole buffers as the past; then its new rows into the buffers at row past_length (`_write_rows`)."""
         b, cache, (hidden, positions, attended) = self.build, self.cache, io
         self._set_input(graph, names.HIDDEN_STATES, (1, q, b.hidden), hidden)
         self._set_input(graph, names.POSITION_IDS, (1, q), positions)
@@ -408,83 +364,83 @@ class TensorRTBackend:
             self._output(graph, names.ATTENDED, (1, q, b.hidden), attended)
             self._output(graph, names.ATTENTION, (1, q, q), self.buffers[names.ATTENTION])
         self._run(graph)
-        self._write_rows(graph, layers, q)
+        self._write_rows(graph, layers, q, past_length)
 
-    def _write_rows(self, graph: str, layers: range, q: int) -> None:
-        """Each layer's q new rows (scratch [1, Hkv, q, Dh]) into its buffers at rows len_i ..; len_i += q."""
+    def _write_rows(self, graph: str, layers: range, q: int, row: int) -> None:
+        """Each layer's q new rows (scratch [1, Hkv, q, Dh]) into its buffers at rows row .. row + q - 1."""
         cache, width = self.cache, q * self.row
         for slot, i in enumerate(layers):
             for k, buffers in enumerate((cache.keys, cache.values)):
-                self.cuda.copy2d(buffers[i] + cache.lengths[i] * self.row, cache.capacities[i] * self.row,
+                self.cuda.copy2d(buffers[i] + row * self.row, cache.capacities[i] * self.row,
                                  self._scratch(graph, 2 * slot + k), width, width, self.build.kv_heads)
-            cache.lengths[i] += q
 
-    def _reduce(self, graph: str, q: int, before: int, positions: tuple[int, int]) -> int:
-        """Queue reduce `graph` on q tokens (attended, attention, position ids at positions[0]) into hidden_states and
-        positions[1]; returns the tokens left."""
-        b = self.build
-        _, tokens_in, tokens_out = b.language_steps[int(graph.split(".")[1]) - 1]
-        left = q - (tokens_in - tokens_out)
-        self._set_input(graph, names.ATTENDED, (1, q, b.hidden), self.buffers[names.ATTENDED])
-        self._set_input(graph, names.ATTENTION, (1, q, q), self.buffers[names.ATTENTION])
-        self._set_input(graph, names.POSITION_IDS, (1, q), positions[0])
-        self._set_input(graph, names.INPUT_IDS_BEFORE, (1, before), self.buffers[names.INPUT_IDS_BEFORE])
-        self._output(graph, names.HIDDEN_STATES, (1, left, b.hidden), self.buffers[names.HIDDEN_STATES], free=(1,))
-        self._output(graph, names.REDUCED_POSITION_IDS, (1, left), positions[1], free=(1,))
-        self._output(graph, names.KEPT, (1, tokens_out), self.buffers[names.KEPT], free=(1,))
-        self._run(graph)
-        return left
+    # ------------------------------------------------------------------ the chain's steps (runtime.chain)
 
-    def _prompt(self, before: np.ndarray, features: int, after: np.ndarray) -> list[np.ndarray]:
+    def prompt(self, before_rows: np.ndarray, features: int, after_rows: np.ndarray, before_ids: np.ndarray) -> None:
         """Queue hidden_states [1, P, D] (text rows uploaded around the image features, copied device to device),
-        position ids 0 .. P-1 and, with FiCoCo-L, input_ids_before; returns the host arrays the stream reads."""
+        position ids 0 .. P-1 and, with FiCoCo-L, input_ids_before; the host arrays stay alive until the sync."""
         graph, row, n = names.decoder(0), self.build.hidden * self.float.itemsize, self.features_shape[0]
-        text = [self._host(graph, names.HIDDEN_STATES, self._embed(ids)) for ids in (before, after)]
+        text = [self._host(graph, names.HIDDEN_STATES, rows) for rows in (before_rows, after_rows)]
         hidden = self.buffers[names.HIDDEN_STATES]
         self._put(hidden, text[0])
         self.cuda.copy(hidden + len(text[0]) * row, features, n * row)
         self._put(hidden + (len(text[0]) + n) * row, text[1])
-        hosts = [*text, self._host(graph, names.POSITION_IDS, np.arange(len(text[0]) + n + len(text[1]))[None])]
-        self.cuda.upload(self.buffers[names.POSITION_IDS], hosts[-1])
+        self.alive = [*text, self._host(graph, names.POSITION_IDS, np.arange(len(text[0]) + n + len(text[1]))[None])]
+        self.cuda.upload(self.buffers[names.POSITION_IDS], self.alive[-1])
         if names.INPUT_IDS_BEFORE in self.buffers:
-            hosts.append(self._host(names.reduce(1), names.INPUT_IDS_BEFORE, before))
-            self.cuda.upload(self.buffers[names.INPUT_IDS_BEFORE], hosts[-1])
-        return hosts
+            self.alive.append(self._host(names.reduce(1), names.INPUT_IDS_BEFORE, before_ids))
+            self.cuda.upload(self.buffers[names.INPUT_IDS_BEFORE], self.alive[-1])
+        self.io = [self.buffers[names.HIDDEN_STATES], self.buffers[names.POSITION_IDS], self.buffers[names.ATTENDED]]
+        self.other_positions = self.buffers[names.REDUCED_POSITION_IDS]
 
-    def prefill(self, before: np.ndarray, features: int, after: np.ndarray) -> tuple[np.ndarray, KVCache]:
-        """ids before [1, Tb], features (device pointer of image_features [n, D]), ids after [1, Ta] ->
-        (logits [V], the cache filled with the prompt)."""
-        before = np.ascontiguousarray(before, dtype=np.int64)
-        q = before.shape[1] + self.features_shape[0] + after.shape[1]  # P
-        self.cache.lengths[:] = [0] * self.build.layers
-        self.cache.check_room(range(1), q)  # layer 0 holds the whole prompt
-        self.alive = self._prompt(before, features, after)  # host arrays the stream reads: alive until the sync
-        positions = (self.buffers[names.POSITION_IDS], self.buffers[names.REDUCED_POSITION_IDS])
-        for graph, reduce, layers in self.segments:
-            self._segment(graph, reduce is None, layers, q, (self.buffers[names.HIDDEN_STATES], positions[0],
-                                                            self.buffers[names.ATTENDED]), past_length=0)
-            if reduce is None:
-                return self._logits(), self.cache
-            q, positions = self._reduce(reduce, q, before.shape[1], positions), positions[::-1]
-        raise AssertionError("the last segment returns the logits")
-
-    def decode(self, token: int, position: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """One token at `position` -> (logits [V], the same cache, one row longer in every layer)."""
-        if cache is not self.cache:
-            raise ValueError("decode takes the cache this backend's prefill or empty_cache returned")
-        cache.check_room(range(self.build.layers), 1)
+    def token(self, row: np.ndarray, position: int) -> None:
+        """Upload one token's hidden state [1, 1, D] and position."""
         graph = names.decoder(0)
-        hidden = self._host(graph, names.HIDDEN_STATES, self._embed(np.array([token]))[None])  # [1, 1, D]
+        hidden = self._host(graph, names.HIDDEN_STATES, row[None])
         position_ids = self._host(graph, names.POSITION_IDS, np.array([[position]]))
         self.cuda.upload(self.buffers[names.HIDDEN_STATES], hidden)
         self.cuda.upload(self.buffers[names.POSITION_IDS], position_ids)
         self.alive = [hidden, position_ids]  # until the sync
-        pointers = (self.buffers[names.HIDDEN_STATES], self.buffers[names.ATTENDED])
-        for graph, reduce, layers in self.segments:  # no reductions: attended is the next segment's hidden_states
-            self._segment(graph, reduce is None, layers, 1, (pointers[0], self.buffers[names.POSITION_IDS], pointers[1]),
-                          cache.lengths[layers[0]])
-            pointers = pointers[::-1]
-        return self._logits(), cache
+        self.io = [self.buffers[names.HIDDEN_STATES], self.buffers[names.POSITION_IDS], self.buffers[names.ATTENDED]]
+
+    def segment(self, segment: Segment, q: int, past_length: int, prefill: bool) -> None:
+        """decoder.s over its layers' whole buffers; at decode its attended output is the next segment's input."""
+        self._segment(names.decoder(segment.index), segment.step is None, segment.layers, q, tuple(self.io), past_length)
+        if not prefill:  # no reductions: attended is the next segment's hidden_states
+            self.io[0], self.io[2] = self.io[2], self.io[0]
+
+    def reduce(self, segment: Segment, q: int, text_before: int) -> None:
+        """Queue reduce.{s+1} on q tokens (attended, attention, position ids) into hidden_states and the other
+        position-id buffer; the kept set stays on the device."""
+        b, graph, step = self.build, names.reduce(segment.index + 1), segment.step
+        left = q - step.r
+        self._set_input(graph, names.ATTENDED, (1, q, b.hidden), self.buffers[names.ATTENDED])
+        self._set_input(graph, names.ATTENTION, (1, q, q), self.buffers[names.ATTENTION])
+        self._set_input(graph, names.POSITION_IDS, (1, q), self.io[1])
+        self._set_input(graph, names.INPUT_IDS_BEFORE, (1, text_before), self.buffers[names.INPUT_IDS_BEFORE])
+        self._output(graph, names.HIDDEN_STATES, (1, left, b.hidden), self.buffers[names.HIDDEN_STATES], free=(1,))
+        self._output(graph, names.REDUCED_POSITION_IDS, (1, left), self.other_positions, free=(1,))
+        self._output(graph, names.KEPT, (1, step.tokens_out), self.buffers[names.KEPT], free=(1,))
+        self._run(graph)
+        self.io[1], self.other_positions = self.other_positions, self.io[1]
+
+    def logits(self) -> np.ndarray:
+        """Download logits [1, V] after the run and synchronize; returns [V] as float32."""
+        self.cuda.download(self.logits_host, self.buffers[names.LOGITS])
+        self.cuda.sync()  # only now does logits_host hold this step's values
+        row = self.logits_host[0]
+        return from_bf16_bits(row) if row.dtype == np.uint16 else row.astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------ the Backend interface (runtime.backend)
+
+    def prefill(self, before: np.ndarray, features: int, after: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        """ids before [1, Tb], features (device pointer of image_features [n, D]), ids after [1, Ta] ->
+        (logits [V], the cache filled with the prompt)."""
+        return self.chain.prefill(before, features, after)
+
+    def decode(self, token: int, position: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """One token at `position` -> (logits [V], the same cache, one row longer in every layer)."""
+        return self.chain.decode(token, position, cache)
 
     def cache_lengths(self, cache: KVCache) -> tuple[int, ...]:
         """len_i of every layer."""
@@ -492,12 +448,7 @@ class TensorRTBackend:
 
     def empty_cache(self, lengths: tuple[int, ...]) -> KVCache:
         """The cache with layer i holding lengths[i] rows (contents as they are, zero until written): to time decode steps."""
-        if len(lengths) != self.build.layers:
-            raise ValueError(f"need {self.build.layers} cache lengths, got {len(lengths)}")
-        lengths = [int(n) for n in lengths]
-        KVCache(self.cache.keys, self.cache.values, lengths, self.cache.capacities).check_room(range(len(lengths)), 1)
-        self.cache.lengths[:] = lengths
-        return self.cache
+        return self.chain.empty_cache(lengths)
 
     def close(self) -> None:
         """Synchronize, save the RTX runtime caches, drop contexts and engines, free every buffer, destroy the stream."""

@@ -30,12 +30,12 @@ def decode_step_ms(pipeline: Any, lengths: Iterable[int], repeats: int = 20, war
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    build, backend, out = pipeline.build, pipeline.backend, {}
-    removed = build.visual_tokens - build.after_ficoco_l  # what FiCoCo-L takes from the later layers
+    plan, backend, out = pipeline.build.plan, pipeline.backend, {}
+    removed = plan.visual_tokens - plan.visual_after_language  # what FiCoCo-L takes from the later layers
     for length in lengths:
-        if not removed < length < build.max_seq_len:
-            raise ValueError(f"cache length {length} must be in ({removed}, {build.max_seq_len}) for this build")
-        per_layer, times = build.cache_lengths(length), []
+        if not removed < length < plan.max_seq_len:
+            raise ValueError(f"cache length {length} must be in ({removed}, {plan.max_seq_len}) for this build")
+        per_layer, times = plan.cache_lengths(length), []
         for index in range(warmup + repeats):
             cache = backend.empty_cache(per_layer)  # back to L rows: the previous step advanced them by one
             start = time.perf_counter()

@@ -1,7 +1,8 @@
-"""The runtime's backend errors and install hints, shared by `runtime.backend` and the backends.
+"""The backends' errors, the TensorRT module table and the install hints: one copy, for the runtime and the export.
 
-Kept apart from `runtime.backend` so that the backends (`backend_ort`, `backend_trt`, `cuda`) import
-their errors without importing the module that chooses between them. Imports nothing heavy.
+Kept apart from `runtime.backend` so that the backends (`backend_ort`, `backend_trt`, `cuda`), the
+TensorRT layer (`runtime.trtlib`) and the export's engine builder (`export.engine`) import them without
+importing the module that chooses between backends. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-TRT_MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx")}
+TENSORRT, TENSORRT_RTX = "tensorrt", "tensorrt-rtx"  # the TensorRT flavours
+# The modules of each flavour, tried in order. tensorrt_rtx_bindings: the pip wheels (the `rtx` extra);
+# tensorrt_rtx: the SDK tarball's wheel.
+TRT_MODULES = {TENSORRT: ("tensorrt",), TENSORRT_RTX: ("tensorrt_rtx_bindings", "tensorrt_rtx")}
 HINTS = {
     "onnxruntime": "ONNX Runtime is not installed: pip install 'ficoco-edge[runtime]' (CPU), or pip install 'ficoco-edge[gpu]' (CUDA)",
-    "tensorrt": "TensorRT is not installed: it ships with JetPack; elsewhere pip install 'ficoco-edge[trt]'",
-    "tensorrt-rtx": "TensorRT-RTX is not installed: pip install 'ficoco-edge[rtx]'",
+    TENSORRT: "TensorRT is not installed: it ships with JetPack; elsewhere pip install 'ficoco-edge[trt]'",
+    TENSORRT_RTX: "TensorRT-RTX is not installed: pip install 'ficoco-edge[rtx]'",
     "cuda": "the TensorRT backend needs cuda-python for device memory: pip install 'ficoco-edge[cuda12]' (CUDA 12 "
             "drivers, JetPack 6) or 'ficoco-edge[cuda13]' (CUDA 13 drivers, Jetson Thor), or torch built with CUDA",
 }
@@ -22,6 +26,10 @@ TEGRA_RELEASE = Path("/etc/nv_tegra_release")  # present on every Jetson (L4T), 
 
 class BackendNotInstalledError(ValueError):
     """The requested backend (or what it needs) is not installed or cannot run here; the message says what to do."""
+
+
+class UnsupportedVersionError(BackendNotInstalledError):
+    """The installed TensorRT is not a version this project supports (standard 10.x, TensorRT-RTX 1.x)."""
 
 
 class EngineMismatchError(BackendNotInstalledError):
@@ -50,10 +58,14 @@ def rebuild_hint(directory: str | Path, flavour: str = "tensorrt") -> str:
     return f"python -m export.build --from-onnx {directory} --backend {flavour}"
 
 
-def trt_install_hint(flavour: str, directory: str | Path) -> str:
-    """What to do when `flavour` cannot be imported; on a Jetson, recompile with JetPack's TensorRT instead."""
+def trt_install_hint(flavour: str, directory: str | Path | None = None) -> str:
+    """What to do when `flavour` cannot be imported; on a Jetson, use JetPack's TensorRT instead.
+
+    `directory`: the build whose engines need `flavour` (the runtime); None when building engines (the export)."""
     if is_jetson():
-        if flavour == "tensorrt-rtx":
+        if flavour == TENSORRT_RTX and directory is None:
+            return "TensorRT-RTX does not exist on Jetson; build the engines with JetPack's TensorRT: --backend tensorrt"
+        if flavour == TENSORRT_RTX:
             return (f"the engines were built with TensorRT-RTX, which does not exist on Jetson; compile them with "
                     f"JetPack's TensorRT: {rebuild_hint(directory)}")
         return ("TensorRT is not importable: install JetPack's (sudo apt install python3-libnvinfer) and make it visible "

@@ -20,6 +20,17 @@ from .manifest import Build, BuildError, plain_name
 FLOATS = {"float32": np.float32, "float16": np.float16}
 
 
+def to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns as uint16 (round to nearest even), for bf16 graph inputs."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -85,14 +96,3 @@ class KVCache:
             if self.lengths[i] + rows > self.capacities[i]:
                 raise BackendError(f"layer {i}'s cache holds {self.capacities[i]} tokens; {self.lengths[i]} + {rows} do not fit "
                                    f"(max_seq_len of this build)")
-
-
-def segment_plan(build: Build) -> list[tuple[str, str | None, range]]:
-    """[(decoder.s, reduce.{s+1} or None, cached layers)] in running order."""
-    from . import names
-
-    steps, out = len(build.language_steps), []
-    for s in range(steps + 1):
-        out.append((names.decoder(s), names.reduce(s + 1) if s < steps else None,
-                    names.segment_layers(s, build.reduction_layers, build.layers)))
-    return out

@@ -1,18 +1,19 @@
 """The build manifest (`manifest.json`): what `export.build` writes and the runtime relies on alone.
 
-No torch, no transformers: this module runs on the device. Schema (version 1):
+No torch, no transformers: this module runs on the device. Schema (version 2):
 
-    schema, schema_version        "ficoco-build", 1
+    schema, schema_version        "ficoco-build", 2
     created                       ISO time of the build
     source                        {model (a preset name or the checkpoint directory's base name, never a
                                    local path), preset, fingerprint (sha256 of config.json and the weight
-                                   files' names and sizes), architecture, text: {layers, hidden, kv_heads,
-                                   head_dim, vocab, image_token_id, eos_token_ids}}
+                                   files' names and sizes), architecture, text: {image_token_id, eos_token_ids}}
     variant, ficoco               the FiCoCo variant ("none" for an unreduced build) and its settings
-    schedule                      the build plan, as `ficoco.BuildPlan.to_dict` writes it: {variant, geometry,
-                                   vision: [[layer, in, out], ...] per crop, language: [...], patches_per_crop,
-                                   kept_per_crop, crops, grid, newline_rows, visual_tokens}
-    precision, max_seq_len
+    schedule                      the build plan, as `ficoco.BuildPlan.to_dict` writes it and `Build.plan` reads
+                                   it back: {variant, geometry, text: {layers, hidden, heads, kv_heads, head_dim,
+                                   vocab}, grid, crops, vision: [[layer, in, out], ...] per crop,
+                                   patches_per_crop, kept_per_crop, newline_rows, visual_tokens, language: [...],
+                                   max_seq_len, segments: [[first layer, stop, capacity], ...]}
+    precision
     graphs                        {GRAPH: {file, sha256, bytes, external_data: [{file, sha256}],
                                    inputs: [{name, shape, dtype}], outputs: [...]}} for every graph of
                                    `runtime.names.graph_names`, in running order
@@ -37,10 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ficoco.plan import BuildPlan
+
 from . import names
 
 SCHEMA = "ficoco-build"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILENAME = "manifest.json"
 
 
@@ -182,79 +185,69 @@ def _positive(**values: object) -> None:
 
 @dataclass(frozen=True)
 class Build:
-    """The facts of a build the runtime relies on, checked once; `from_directory` reads them."""
+    """The facts of a build the runtime relies on, checked once; `from_directory` reads them. Every count
+    (visual tokens, FiCoCo-L steps, segments, cache capacities, the decoder's widths) is the build plan's,
+    `Build.plan`, read back from the manifest's `schedule`."""
 
     directory: Path
     manifest: dict = field(repr=False, compare=False)
+    plan: BuildPlan
     architecture: str  # "llava" (LLaVA-1.5) | "llava_next"
-    layers: int  # decoder layers
-    hidden: int  # the LLM's width D
-    kv_heads: int
-    head_dim: int
-    vocab: int
     image_token_id: int
     eos_token_ids: frozenset[int]
-    crops: int  # 1, or 1 + rows * cols
-    patches_per_crop: int  # before FiCoCo-V (576 for 336 px / 14 px patches)
-    kept_per_crop: int  # after FiCoCo-V
-    grid: tuple[int, int] | None  # LLaVA-NeXT anyres (rows, cols)
-    visual_tokens: int  # into the LLM: crops * kept (+ one newline per grid row for NeXT)
-    language_steps: tuple[tuple[int, int, int], ...]  # FiCoCo-L (layer, tokens in, tokens out)
-    max_seq_len: int
     precision: str
     preprocess: Any = field(repr=False, compare=False)  # runtime.preprocess.PreprocessConfig of the manifest
 
     def __post_init__(self) -> None:
         _positive(layers=self.layers, hidden=self.hidden, kv_heads=self.kv_heads, head_dim=self.head_dim, vocab=self.vocab,
-                  crops=self.crops, patches_per_crop=self.patches_per_crop, kept_per_crop=self.kept_per_crop,
-                  visual_tokens=self.visual_tokens, max_seq_len=self.max_seq_len)
+                  max_seq_len=self.max_seq_len)
         if self.architecture not in ARCHITECTURES.values():
             raise BuildError(f"manifest: unknown architecture {self.architecture!r}")
-        if (self.architecture == "llava_next") != (self.grid is not None):
-            raise BuildError(f"manifest: schedule grid {self.grid} does not fit architecture {self.architecture!r}")
-        rows, cols = self.grid or (0, 0)
-        crops, visual = 1 + rows * cols, self.kept_per_crop * self.crops + rows  # BuildPlan: + newline_rows
-        if (self.crops, self.visual_tokens) != (crops, visual):
-            raise BuildError(f"manifest: crops {self.crops} / visual_tokens {self.visual_tokens} do not follow from "
-                             f"grid {self.grid} and kept_per_crop {self.kept_per_crop} (expected {crops} / {visual})")
+        if (self.architecture == "llava_next") != (self.plan.grid is not None):
+            raise BuildError(f"manifest: schedule grid {self.plan.grid} does not fit architecture {self.architecture!r}")
         if not self.eos_token_ids:
             raise BuildError("manifest: source.text.eos_token_ids is empty")
-        for layer, tokens_in, tokens_out in self.language_steps:
-            if not (0 <= layer < self.layers and 0 < tokens_out <= tokens_in <= self.visual_tokens):
-                raise BuildError(f"manifest: FiCoCo-L step {(layer, tokens_in, tokens_out)} is out of range")
         if self.precision not in FLOAT_DTYPES:
             raise BuildError(f"manifest: precision {self.precision!r} is not one of {sorted(FLOAT_DTYPES)}")
-        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab for i in self.eos_token_ids):
-            raise BuildError(f"manifest: eos_token_ids {sorted(self.eos_token_ids, key=str)} are not token ids below vocab {self.vocab}")
+        for name, ids in (("eos_token_ids", sorted(self.eos_token_ids, key=str)), ("image_token_id", [self.image_token_id])):
+            if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab for i in ids):
+                raise BuildError(f"manifest: {name} {ids} are not token ids below vocab {self.vocab}")
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Build:
         """read() the manifest and pull out the runtime's facts; BuildError on anything missing."""
+        return cls.from_manifest(directory, read(directory))
+
+    @classmethod
+    def from_manifest(cls, directory: str | Path, manifest: dict) -> Build:
+        """The facts of `manifest` for the build in `directory` (the export's verification passes the manifest
+        it is about to write); BuildError on anything missing."""
         directory = Path(directory)
-        manifest = read(directory)
         for kind in ("graphs", "engines"):
             file_items(manifest.get(kind) or {}, kind)
         tokenizer_files(manifest)
         try:
-            text, schedule = manifest["source"]["text"], manifest["schedule"]
-            architecture = manifest["source"]["architecture"]
+            text, architecture = manifest["source"]["text"], manifest["source"]["architecture"]
+            plan = BuildPlan.from_dict(manifest["schedule"])
             build = cls(
-                directory=directory, manifest=manifest,
+                directory=directory, manifest=manifest, plan=plan,
                 architecture=ARCHITECTURES.get(architecture, architecture),
-                layers=text["layers"], hidden=text["hidden"], kv_heads=text["kv_heads"], head_dim=text["head_dim"], vocab=text["vocab"],
                 image_token_id=text["image_token_id"], eos_token_ids=frozenset(text["eos_token_ids"]),
-                crops=schedule["crops"], patches_per_crop=schedule["patches_per_crop"],
-                kept_per_crop=schedule["kept_per_crop"], grid=tuple(schedule["grid"]) if schedule["grid"] else None,
-                visual_tokens=schedule["visual_tokens"],
-                language_steps=tuple(tuple(step) for step in schedule["language"]),
-                max_seq_len=manifest["max_seq_len"], precision=manifest["precision"],
-                preprocess=_preprocess(manifest["preprocess"]),
+                precision=manifest["precision"], preprocess=_preprocess(manifest["preprocess"]),
             )
         except (KeyError, TypeError, IndexError, ValueError) as error:
             if isinstance(error, BuildError):
                 raise
             raise BuildError(f"{str(directory / FILENAME)!r} lacks or mangles {error}") from None
         return build
+
+    # the decoder's widths and the cache length, as the plan holds them
+    layers = property(lambda self: self.plan.text.layers)
+    hidden = property(lambda self: self.plan.text.hidden)
+    kv_heads = property(lambda self: self.plan.text.kv_heads)
+    head_dim = property(lambda self: self.plan.text.head_dim)
+    vocab = property(lambda self: self.plan.text.vocab)
+    max_seq_len = property(lambda self: self.plan.max_seq_len)
 
     def check_eos(self) -> None:
         """The manifest's EOS ids against the build's own generation_config.json (when it has one; after its
@@ -273,14 +266,14 @@ class Build:
 
     def expected_io(self, graph: str) -> dict[str, tuple[list, str]]:
         """{tensor: (shape, dtype)} a graph must have for this manifest; None in a shape: any (dynamic) size."""
-        f, i64, hidden = FLOAT_DTYPES[self.precision], "int64", self.hidden
+        f, i64, hidden, p = FLOAT_DTYPES[self.precision], "int64", self.hidden, self.plan
         if graph == names.VISION:
-            return {names.PIXEL_VALUES: ([self.crops, 3, *self.preprocess.crop_hw], f),
-                    names.IMAGE_FEATURES: ([self.visual_tokens, hidden], f),
-                    names.KEPT_POSITIONS: ([self.crops, self.kept_per_crop], i64)}
+            return {names.PIXEL_VALUES: ([p.crops, 3, *self.preprocess.crop_hw], f),
+                    names.IMAGE_FEATURES: ([p.visual_tokens, hidden], f),
+                    names.KEPT_POSITIONS: ([p.crops, p.kept_per_crop], i64)}
         if graph == names.EMBED:
             return {names.INPUT_IDS: ([1, None], i64), names.INPUTS_EMBEDS: ([1, None, hidden], f)}
-        inputs, outputs = names.io_names(graph, self.reduction_layers, self.layers)
+        inputs, outputs = names.io_names(graph, self.plan)
         tokens = [1, None, hidden]
         known = {names.HIDDEN_STATES: (tokens, f), names.ATTENDED: (tokens, f), names.ATTENTION: ([1, None, None], "float32"),
                  names.POSITION_IDS: ([1, None], i64), names.REDUCED_POSITION_IDS: ([1, None], i64),
@@ -322,30 +315,9 @@ class Build:
             self.check_io(graph, [(x.get("name"), x.get("shape"), x.get("dtype")) for t in lists for x in t])
 
     @property
-    def reduction_layers(self) -> tuple[int, ...]:
-        return tuple(step[0] for step in self.language_steps)
-
-    @property
     def graph_names(self) -> list[str]:
         """Every graph of this build, in running order (`runtime.names.graph_names`)."""
-        return names.graph_names(len(self.language_steps), names.EMBED in (self.manifest.get("graphs") or {}))
-
-    def capacities(self) -> tuple[int, ...]:
-        """Each layer's cache capacity: max_seq_len less what FiCoCo-L removed before that layer."""
-        return tuple(self.max_seq_len - sum(t_in - t_out for layer, t_in, t_out in self.language_steps if layer < index)
-                     for index in range(self.layers))
-
-    @property
-    def after_ficoco_l(self) -> int:
-        """Visual tokens left after the last FiCoCo-L step (visual_tokens without one)."""
-        return self.language_steps[-1][2] if self.language_steps else self.visual_tokens
-
-    def cache_lengths(self, prompt_length: int) -> tuple[int, ...]:
-        """Layer i's cache length after the prefill: layers after a FiCoCo-L step keep only its survivors."""
-        return tuple(
-            prompt_length - sum(t_in - t_out for layer, t_in, t_out in self.language_steps if layer < index)
-            for index in range(self.layers)
-        )
+        return names.graph_names(self.plan, names.EMBED in (self.manifest.get("graphs") or {}))
 
     @property
     def engines(self) -> dict:

@@ -17,7 +17,8 @@ segments and S weightless reductions; every segment serves both the prefill and 
     decoder.S   layer L_S's MLP block, layers L_S + 1 .. end, the final norm and the LM head
 
 Without FiCoCo-L there is one segment, decoder.0. Segment s caches the layers whose attention it
-runs: decoder.0 layers 0 .. L_1, decoder.s layers L_s + 1 .. L_{s+1} (the last: to the end).
+runs: decoder.0 layers 0 .. L_1, decoder.s layers L_s + 1 .. L_{s+1} (the last: to the end). The
+segments, their layers and cache capacities are the build plan's (`ficoco.BuildPlan.segments`).
 
 vision.onnx
     in   pixel_values        [crops, 3, S, S]   float
@@ -56,6 +57,11 @@ returns only the new rows, which the runtime writes into the buffer: nothing els
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ficoco.plan import BuildPlan
+
 VISION, EMBED = "vision", "embed"
 
 PIXEL_VALUES = "pixel_values"
@@ -85,11 +91,9 @@ def reduce(step: int) -> str:
     return f"reduce.{step}"
 
 
-def graph_names(steps: int, embed: bool) -> list[str]:
-    """Every graph of a build with `steps` FiCoCo-L steps, in running order."""
-    llm = [decoder(0)]
-    for step in range(1, steps + 1):
-        llm += [reduce(step), decoder(step)]
+def graph_names(plan: BuildPlan, embed: bool) -> list[str]:
+    """Every graph of a build of `plan`, in running order: decoder.s, then reduce.{s+1} where a FiCoCo-L step follows."""
+    llm = [g for segment in plan.segments for g in [decoder(segment.index)] + ([reduce(segment.index + 1)] if segment.step else [])]
     return [VISION, *([EMBED] if embed else []), *llm]
 
 
@@ -111,14 +115,8 @@ def cache_names(prefix, layers) -> list[str]:
     return [prefix(i, kind) for i in layers for kind in ("key", "value")]
 
 
-def segment_layers(segment: int, reduction_layers: tuple[int, ...], layers: int) -> range:
-    """The layers whose cache segment `segment` holds (module docstring)."""
-    bounds = [-1, *reduction_layers, layers - 1]
-    return range(bounds[segment] + 1, bounds[segment + 1] + 1)
-
-
-def io_names(graph: str, reduction_layers: tuple[int, ...], layers: int) -> tuple[list[str], list[str]]:
-    """(inputs, outputs) of a graph, in order."""
+def io_names(graph: str, plan: BuildPlan) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of a graph of a build of `plan`, in order."""
     if graph == VISION:
         return [PIXEL_VALUES], [IMAGE_FEATURES, KEPT_POSITIONS]
     if graph == EMBED:
@@ -126,10 +124,9 @@ def io_names(graph: str, reduction_layers: tuple[int, ...], layers: int) -> tupl
     kind, _, index = graph.partition(".")
     if kind == "reduce" and index.isdigit():
         return [ATTENDED, ATTENTION, POSITION_IDS, INPUT_IDS_BEFORE], [HIDDEN_STATES, REDUCED_POSITION_IDS, KEPT]
-    if kind == "decoder" and index.isdigit() and int(index) <= len(reduction_layers):
-        segment = int(index)
-        cached = segment_layers(segment, reduction_layers, layers)
-        tail = [LOGITS] if segment == len(reduction_layers) else [ATTENDED, ATTENTION]
-        return ([HIDDEN_STATES, POSITION_IDS, PAST_LENGTH, *cache_names(past, cached)],
-                [*tail, *cache_names(present, cached)])
-    raise ValueError(f"unknown graph {graph!r}; graphs are {graph_names(len(reduction_layers), True)}")
+    if kind == "decoder" and index.isdigit() and int(index) < len(plan.segments):
+        segment = plan.segments[int(index)]
+        tail = [LOGITS] if segment.step is None else [ATTENDED, ATTENTION]
+        return ([HIDDEN_STATES, POSITION_IDS, PAST_LENGTH, *cache_names(past, segment.layers)],
+                [*tail, *cache_names(present, segment.layers)])
+    raise ValueError(f"unknown graph {graph!r}; graphs are {graph_names(plan, True)}")

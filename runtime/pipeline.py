@@ -140,16 +140,17 @@ class Pipeline:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         ids = self.tokenizer.encode(prompt)
-        total = ids.length(self.build.visual_tokens) + max_new_tokens
-        if total > self.build.max_seq_len:
+        plan = self.build.plan
+        total = ids.length(plan) + max_new_tokens
+        if total > plan.max_seq_len:
             raise PromptError(
-                f"prompt too long: {ids.before.shape[1]} + {self.build.visual_tokens} visual + {ids.after.shape[1]} tokens "
-                f"+ max_new_tokens {max_new_tokens} = {total} > max_seq_len {self.build.max_seq_len} of this build"
+                f"prompt too long: {ids.before.shape[1]} + {plan.visual_tokens} visual + {ids.after.shape[1]} tokens "
+                f"+ max_new_tokens {max_new_tokens} = {total} > max_seq_len {plan.max_seq_len} of this build"
             )
         pixels = preprocess(image, self.preprocess_config, self.build.architecture)
-        if pixels.pixel_values.shape[0] != self.build.crops:
+        if pixels.pixel_values.shape[0] != plan.crops:
             raise BuildError(f"preprocessing gave {pixels.pixel_values.shape[0]} crops (grid {pixels.grid}); "
-                             f"the build takes {self.build.crops} (grid {self.build.grid})")
+                             f"the build takes {plan.crops} (grid {plan.grid})")
         return pixels, ids
 
     def __call__(
@@ -163,7 +164,7 @@ class Pipeline:
         clock.mark("preprocessed")
         features = self.backend.vision(pixels.pixel_values)
         clock.mark("vision")
-        prompt_length, lengths = ids.length(self.build.visual_tokens), []
+        prompt_length, lengths = ids.length(self.build.plan), []
 
         def prefill() -> tuple[Any, Any]:
             logits, cache = self.backend.prefill(ids.before, features, ids.after)
@@ -183,11 +184,11 @@ class Pipeline:
         return self._result(ids, tokens, lengths, clock)
 
     def _result(self, ids: PromptIds, tokens: list[int], lengths: list[int], clock: _Clock) -> Result:
-        b, last = self.build, "last" if len(tokens) > 1 else "first"
+        b, p, last = self.build, self.build.plan, "last" if len(tokens) > 1 else "first"
         decode_ms = clock.ms("first", last)
         counts = TokenCounts(
-            b.patches_per_crop, b.kept_per_crop, b.crops, b.visual_tokens, b.after_ficoco_l,
-            ids.before.shape[1], ids.after.shape[1], ids.length(b.visual_tokens), len(tokens),
+            p.patches_per_crop, p.kept_per_crop, p.crops, p.visual_tokens, p.visual_after_language,
+            ids.before.shape[1], ids.after.shape[1], ids.length(p), len(tokens),
         )
         timings = Timings(
             preprocess_ms=clock.ms("start", "preprocessed"), vision_ms=clock.ms("preprocessed", "vision"),

@@ -15,6 +15,11 @@ image token into `before` [1, Tb] and `after` [1, Ta] (export/verify.py's `split
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ficoco.plan import BuildPlan
+
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,9 +51,9 @@ class PromptIds:
             if ids.shape[1] < 1:  # the prefill graph's text dims are >= 1
                 raise PromptError(f"the rendered prompt {self.text!r} has no text {name} the image; the graphs need some")
 
-    def length(self, visual_tokens: int) -> int:
-        """P = Tb + visual tokens + Ta: the prompt length in the original numbering."""
-        return self.before.shape[1] + visual_tokens + self.after.shape[1]
+    def length(self, plan: BuildPlan) -> int:
+        """P = Tb + visual tokens + Ta: the prompt length in the original numbering (`BuildPlan.prompt_length`)."""
+        return plan.prompt_length(self.before.shape[1], self.after.shape[1])
 
 
 def _generation_extension() -> type:

@@ -13,7 +13,7 @@ set against the unreduced build of the same model (random weights; `scripts/benc
 2. prefill: the LLM graphs of the build layout (`runtime.names`: decoder.0, and with FiCoCo-L
    reduce.1 and decoder.1) of a Vicuna-7B-width decoder cut to 6 layers (FiCoCo-L acts at layer 4),
    exported as export.build does and chained as the runtime's prefill runs them (empty past
-   buffers, the new K/V copied into the cache buffers; `bench_models.PrefillChain`); 60 text tokens,
+   buffers, the new K/V copied into the cache buffers; the runtime's OrtBackend); 60 text tokens,
    unreduced / FiCoCo-V (k visual tokens) / FiCoCo-L; vs `ficoco.flops.prefill_flops`.
 3. decode: one step at several cache lengths: `runtime.bench.decode_step_ms` on a `runtime.Pipeline`
    over an `export.build` build (the KV cache in place: each step starts at exactly that length),
@@ -58,6 +58,8 @@ import numpy as np
 import torch
 
 from ficoco import flops as F
+from ficoco.plan import BuildPlan
+from runtime import names
 from scripts import bench_models as M
 from scripts import bench_report as R
 
@@ -163,19 +165,20 @@ def bench_ops(mode: Mode, args, model) -> dict:
 def bench_prefill(mode: Mode, args, work: Path, log) -> dict:
     model = M.random_llava(M.TINY_CLIP, mode.text)
     settings = [("none", 1.0)] + [(v, r) for r in mode.prefill_ratios for v in ("v", "l")]
-    table = model.get_input_embeddings().weight.detach()
     info, specs = {}, {}
     for key in settings:
         directory = work / f"prefill-{key[0]}-r{key[1]:g}"
         directory.mkdir(parents=True, exist_ok=True)
         with M.quiet(log):
-            info[key] = M.export_prefill(model, *key, directory, TEXT_BEFORE, TEXT_AFTER)
-        before, features, after = M.prefill_inputs(model, info[key]["visual_tokens"], TEXT_BEFORE, TEXT_AFTER)
-        inputs = {"rows_before": table[before[0]].numpy(), "features": features.numpy(), "rows_after": table[after[0]].numpy(),
-                  "before": before.numpy()}  # the text rows as the runtime looks them up (untimed)
-        specs[key] = (directory, partial(M.PrefillChain, directory, info[key], inputs, args.threads))
+            build = M.export_prefill(model, *key, directory, TEXT_BEFORE, TEXT_AFTER)
+        p = build.plan
+        info[key] = {"visual_tokens": p.visual_tokens, "language": [[s.layer, s.tokens_in, s.tokens_out] for s in p.language],
+                     "graphs": [g for g in build.graph_names if g not in (names.VISION, names.EMBED)]}
+        before, features, after = M.prefill_inputs(model, p.visual_tokens, TEXT_BEFORE, TEXT_AFTER)
+        inputs = {"before": before.numpy(), "features": features.numpy(), "after": after.numpy()}
+        specs[key] = (directory, partial(M.prefill_step, build, inputs, args.threads))
     described, text = M.describe_model(model), F.text_of(model.config.text_config.to_dict())
-    del model, table
+    del model
     gc.collect()
     times, together = M.time_graphs(specs, args.repeats, args.warmup)
     tokens, full_key = TEXT_BEFORE + TEXT_AFTER, settings[0]
@@ -186,9 +189,9 @@ def bench_prefill(mode: Mode, args, work: Path, log) -> dict:
         speedup = times[full_key]["ms"] / times[key]["ms"]
         rows.append({"variant": key[0], "ratio": key[1], **info[key], **times[key], "speedup": speedup, "tflops": flops / 1e12,
                      "flops_ratio": flops / full, "flops_speedup": full / flops, "efficiency": speedup * flops / full})
-    how = ("Timed: the runtime's prefill over the chain (bench_models.PrefillChain, as runtime/backend_ort.py): the prompt's "
-           "embeddings through decoder.0 with empty past buffers, its K/V copied into the cache buffers, then reduce.1 and "
-           "decoder.1 (FiCoCo-L); the text rows' lookup is not timed.")
+    how = ("Timed: the runtime's own prefill (runtime/backend_ort.py through runtime/chain.py): the text rows looked up "
+           "in the stored table, the prompt's embeddings through decoder.0 with empty past buffers, its K/V copied into the "
+           "cache buffers, then reduce.1 and decoder.1 (FiCoCo-L).")
     return {"model": {**described, "vision": "tiny CLIP (not timed: the prefill takes image features)"},
             "text_tokens": tokens, "interleaved": together, "how": how, "rows": rows}
 
@@ -200,8 +203,7 @@ def ficoco_config(manifest: dict):
     """The build's FiCoCoConfig and a label for it, from its manifest."""
     from ficoco import FiCoCoConfig
 
-    fields = {f.name for f in dataclasses.fields(FiCoCoConfig)}
-    config = FiCoCoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["ficoco"].items() if k in fields})
+    config = FiCoCoConfig.from_dict(manifest["ficoco"])
     amount = f"r={config.ratio:g}" if config.ratio is not None else f"{config.tokens} tokens"
     return config, f"FiCoCo-{config.variant.upper()} {amount}"
 
@@ -250,7 +252,7 @@ def bench_chat(mode: Mode, args, chat: ChatModel) -> dict:
     manifests = chat.manifests
     described = {"source": manifests["ficoco"]["source"]["model"], "kind": "given build" if args.build else mode.chat,
                  "builds": {k: str(v) for k, v in builds.items()}, "parity_passed": {k: m["parity"]["passed"] for k, m in manifests.items()},
-                 "visual_tokens": manifests["ficoco"]["schedule"]["visual_tokens"], "new_tokens": n, "instruction": INSTRUCTION,
+                 "visual_tokens": BuildPlan.from_dict(manifests["ficoco"]["schedule"]).visual_tokens, "new_tokens": n, "instruction": INSTRUCTION,
                  **M.describe_model(model)}
     return {"model": described, "rows": rows}
 
@@ -261,13 +263,13 @@ def bench_decode(mode: Mode, args, chat: ChatModel) -> dict:
     from runtime import bench as runtime_bench
 
     build, manifest = chat.builds["ficoco"], chat.manifests["ficoco"]
-    lengths = [length for length in mode.lengths if length < manifest["max_seq_len"]]  # the lengths the build admits
     repeats = max(args.repeats, 5)
     with M.open_pipeline(build, args.threads) as pipe:
+        lengths = [length for length in mode.lengths if length < pipe.build.plan.max_seq_len]  # the lengths the build admits
         runtime = runtime_bench.decode_step_ms(pipe, lengths, repeats=repeats, warmup=args.warmup)
         cache = pipe.backend.cache
         row_bytes = [2 * key.nbytes // max(key.shape[2], 1) for key in cache.keys]  # key + value, one row, per layer
-        held = lambda length: sum(b * n for b, n in zip(row_bytes, pipe.build.cache_lengths(length)))  # noqa: E731
+        held = lambda length: sum(b * n for b, n in zip(row_bytes, pipe.build.plan.cache_lengths(length)))  # noqa: E731
         now, max_seq_len = M.cache_bytes(pipe.backend), pipe.build.max_seq_len
         before = {length: R.BEFORE["copies"] * held(length) for length in [*lengths, max_seq_len]}
     hf = M.hf_decode_step_ms(chat.model, lengths, repeats, args.warmup)

@@ -7,8 +7,8 @@ static-shape graph does not depend on the values. Graphs go through `export.grap
 `export.pipeline.export_graph` exactly as `export.build` makes them (the build layout of
 `runtime.names`: vision.onnx, and the LLM as decoder segments and weightless FiCoCo-L reductions,
 with the same dynamic dims), and ONNX Runtime sessions are opened with the runtime's options plus
-an explicit thread count. The prefill runs through the chain as `runtime.backend_ort` runs it
-(`PrefillChain`).
+an explicit thread count. The prefill is the runtime's own (`runtime.backend_ort.OrtBackend` through
+`runtime.chain.Chain`, `prefill_step`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ficoco.plan import DEFAULT_MAX_SEQ_LEN
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, projection_dim=768)
@@ -95,7 +97,7 @@ def describe_model(model) -> dict:
     }
 
 
-MAX_SEQ_LEN = 2048  # the exported graphs' bound on the sequence (export.build's default)
+MAX_SEQ_LEN = DEFAULT_MAX_SEQ_LEN  # the exported graphs' bound on the sequence (export.build's default)
 
 
 def patched(model, variant: str, ratio: float):
@@ -136,28 +138,46 @@ def prefill_inputs(model, visual: int, before: int, after: int, seed: int = SEED
     return ids[:, :before], features, ids[:, before:]
 
 
-def export_prefill(model, variant: str, ratio: float, directory: Path, before: int, after: int) -> dict:
-    """The LLM graphs of the build layout (decoder.0, reduce.1, decoder.1, ...; no embed.onnx: the runtime
-    looks rows up itself) under FiCoCo-`variant` at `ratio`, into `directory`, traced and exported as
-    `export.build` does (`example_args`, `export_graph`). Returns the schedule and what `PrefillChain` needs."""
+BENCH_PREPROCESS = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, "backend": "pil",
+                    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def export_prefill(model, variant: str, ratio: float, directory: Path, before: int, after: int):
+    """A build of `model` under FiCoCo-`variant` at `ratio` in `directory` that the runtime opens
+    (`runtime.manifest.Build`): every graph of the build layout traced and exported as `export.build`
+    does (`example_args`, `export_graph`, `embedding_entry`), with a manifest (no tokenizer, not verified)."""
     from types import SimpleNamespace
 
     from export import pipeline
-    from runtime import names
+    from runtime import manifest
 
     graphs = graph_set(model, "v" if variant == "none" else variant, ratio)
-    side = model.config.vision_config.image_size
+    side, vocab = model.config.vision_config.image_size, model.config.text_config.vocab_size
     ids_before, _, ids_after = prefill_inputs(model, graphs.plan.visual_tokens, before, after)
     sample = SimpleNamespace(pixel_values=np.zeros((1, 3, side, side), np.float32),
                              before=ids_before.numpy(), after=ids_after.numpy())
     args, large = pipeline.example_args(graphs, sample), pipeline.is_large(model)
-    chain = [graph for graph in graphs.llm if graph != names.EMBED]
-    for graph in chain:
-        pipeline.export_graph(graphs, graph, args[graph], directory, MAX_SEQ_LEN, large)
-    plan, attn = graphs.plan, model.model.language_model.layers[0].self_attn
-    return {"visual_tokens": plan.visual_tokens, "language": [[s.layer, s.tokens_in, s.tokens_out] for s in plan.language],
-            "graphs": chain, "layers": graphs.layers, "kv_heads": model.config.text_config.num_key_value_heads,
-            "head_dim": attn.head_dim}
+    entries = {graph: pipeline.export_graph(graphs, graph, args[graph], directory, MAX_SEQ_LEN, large) for graph in graphs.exported}
+    manifest.write(directory, {
+        "source": {"model": "bench", "architecture": type(model).__name__,
+                   "text": {"image_token_id": model.config.image_token_id, "eos_token_ids": [vocab - 2]}},
+        "variant": graphs.plan.variant, "schedule": graphs.plan.to_dict(), "precision": "fp32",
+        "preprocess": BENCH_PREPROCESS, "graphs": entries, "embedding": pipeline.embedding_entry(graphs, directory, entries)})
+    return manifest.Build.from_directory(directory)
+
+
+def prefill_step(build, inputs: dict, threads: int):
+    """The runtime's prefill (`runtime.backend_ort.OrtBackend` through `runtime.chain.Chain`) on a build, as a
+    function to time: `inputs` holds ids before [1, Tb], image features [n, D] and ids after [1, Ta]."""
+    from runtime.backend_ort import OrtBackend
+
+    backend = OrtBackend(build, threads=threads)
+
+    def prefill() -> np.ndarray:
+        return backend.prefill(inputs["before"], inputs["features"], inputs["after"])[0]
+
+    prefill.backend = backend
+    return prefill
 
 
 def ort_options(threads: int):
@@ -187,54 +207,6 @@ class OrtGraph:
 
     def __call__(self) -> None:
         self.session.run_with_iobinding(self.binding)
-
-
-class PrefillChain:
-    """The runtime's prefill (`runtime.backend_ort.OrtBackend.prefill`) over one setting's exported LLM graphs.
-
-    Each call does what the runtime does: the prompt's embeddings (the text rows, looked up beforehand,
-    around the image features) go through decoder.0 with empty past buffers ([1, Hkv, 0, Dh],
-    past_length 0); its layers' K/V for the whole prompt are copied into cache buffers allocated once;
-    reduce.1 turns decoder.0's attended stream into decoder.1's input; ... the last segment returns the
-    logits. `info` is `export_prefill`'s; `inputs`: rows_before [Tb, D], features [n, D], rows_after
-    [Ta, D] (float32) and before [1, Tb] (the ids reduce.s reads the visual span's start from).
-    """
-
-    def __init__(self, directory: Path, info: dict, inputs: dict, threads: int):
-        import onnxruntime as ort
-
-        from runtime import names
-
-        self.names, steps = names, tuple(layer for layer, _, _ in info["language"])
-        self.sessions = {graph: ort.InferenceSession(str(directory / f"{graph}.onnx"), ort_options(threads),
-                                                     providers=["CPUExecutionProvider"]) for graph in info["graphs"]}
-        self.chain = [(names.decoder(s), names.reduce(s + 1) if s < len(steps) else None,
-                       names.segment_layers(s, steps, info["layers"])) for s in range(len(steps) + 1)]
-        self.inputs = {key: np.ascontiguousarray(value) for key, value in inputs.items()}
-        prompt = sum(len(self.inputs[key]) for key in ("rows_before", "features", "rows_after"))
-        shape = (1, info["kv_heads"], prompt, info["head_dim"])
-        self.keys = [np.zeros(shape, np.float32) for _ in range(info["layers"])]
-        self.values = [np.zeros(shape, np.float32) for _ in range(info["layers"])]
-        self.empty = {name: np.zeros((*shape[:2], 0, shape[3]), np.float32)
-                      for name in names.cache_names(names.past, info["layers"])}
-
-    def __call__(self) -> np.ndarray:
-        n, x = self.names, self.inputs
-        hidden = np.concatenate([x["rows_before"], x["features"], x["rows_after"]])[None]  # [1, P, D]
-        positions = np.arange(hidden.shape[1], dtype=np.int64)[None]
-        for graph, reduce, layers in self.chain:
-            feeds = {n.HIDDEN_STATES: hidden, n.POSITION_IDS: positions, n.PAST_LENGTH: np.zeros(1, np.int64),
-                     **{name: self.empty[name] for name in n.cache_names(n.past, layers)}}
-            out = self.sessions[graph].run(None, feeds)
-            tail, rows = 1 if reduce is None else 2, hidden.shape[1]
-            for slot, i in enumerate(layers):  # the prompt's rows, once, into the buffers
-                self.keys[i][:, :, :rows] = out[tail + 2 * slot]
-                self.values[i][:, :, :rows] = out[tail + 2 * slot + 1]
-            if reduce is None:
-                return out[0]
-            hidden, positions, _ = self.sessions[reduce].run(None, {
-                n.ATTENDED: out[0], n.ATTENTION: out[1], n.POSITION_IDS: positions, n.INPUT_IDS_BEFORE: x["before"]})
-        raise AssertionError("the last segment returns the logits")
 
 
 # --------------------------------------------------------------------------- timing

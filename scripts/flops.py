@@ -49,11 +49,11 @@ from ficoco.flops import (  # noqa: F401  (re-exported: the counting lives in fi
     TEXT_TOKENS,
     VARIANTS,
     Count,
-    anyres_grid,
-    config_geometry,
     count,
     tokens_for_budget,
 )
+from ficoco.geometry import anyres_grid, config_geometry  # noqa: F401  (re-exported)
+from ficoco.plan import BuildPlan
 from runtime.names import VISION, decoder, reduce
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -222,45 +222,43 @@ def _prefill_terms(config: dict, steps: list[list[int]], text_after: int) -> dic
     return terms
 
 
-def prefill_dims(schedule: dict, text_before: int, text_after: int) -> dict[str, dict[str, int]]:
+def prefill_dims(plan: BuildPlan, text_before: int, text_after: int) -> dict[str, dict[str, int]]:
     """{graph: dynamic dims} of the LLM graphs a prefill runs, in order, for a prompt of `text_before` +
-    the schedule's visual tokens + `text_after` tokens: decoder.{s} on the tokens left after s FiCoCo-L
+    the plan's visual tokens + `text_after` tokens: decoder.{s} on the tokens left after s FiCoCo-L
     steps (`BuildPlan.segment_tokens`) with empty past buffers (capacity 0, past_length 0, as the
-    runtime's prefill), reduce.{s} on what decoder.{s-1} returns."""
-    tokens = text_before + schedule["visual_tokens"] + text_after
-    dims = {decoder(0): {"tokens": tokens, "capacity": 0}}
-    for index, (_, tokens_in, tokens_out) in enumerate(schedule["language"], start=1):
-        dims[reduce(index)] = {"tokens": tokens, "text_before": text_before}
-        tokens -= tokens_in - tokens_out
-        dims[decoder(index)] = {"tokens": tokens, "capacity": 0}
+    runtime's prefill), reduce.{s+1} on what decoder.{s} returns."""
+    prompt, dims = plan.prompt_length(text_before, text_after), {}
+    for segment in plan.segments:
+        dims[decoder(segment.index)] = {"tokens": plan.segment_tokens(segment.index, prompt), "capacity": 0}
+        if segment.step is not None:
+            dims[reduce(segment.index + 1)] = {"tokens": plan.segment_tokens(segment.index, prompt), "text_before": text_before}
     return dims
 
 
 def cross_check(build_dir: str | Path, text_before: int = 5, text_after: int = 55,
                 model_config: dict | None = None, model: str | Path | None = None) -> list[CrossCheck]:
     """Count vision.onnx and the prefill's chain of graphs (decoder.0, reduce.1, decoder.1, ...) of an
-    `export.build` build against the analytic model of its schedule."""
-    build = Path(build_dir)
-    if not (build / "manifest.json").is_file():
-        raise ValueError(f"{str(build)!r} is not an export.build directory (no manifest.json)")
-    manifest = json.loads((build / "manifest.json").read_text())
+    `export.build` build against the analytic model of its plan."""
+    from runtime.manifest import Build, BuildError
+
+    try:
+        build = Build.from_directory(build_dir)
+    except BuildError as error:
+        raise ValueError(str(error)) from None
     if model_config is None:
         from export.reload import source_dir
 
-        model_config = load_model_config(source_dir(manifest, model))  # the checkpoint the build was made from
-    config, s, entries = model_config, manifest["schedule"], manifest["graphs"]
-    geometry = config_geometry(config)
-    vision_model, text_model = F.vision_of(config["vision_config"]), F.text_of(config["text_config"])
-    vision_steps = {layer: out for layer, _, out in s["vision"]}
-    language_steps = {layer: out for layer, _, out in s["language"]}
-    vision = graph_flops(build / entries[VISION]["file"], {})
-    llm = {graph: graph_flops(build / entries[graph]["file"], dims)["matmul"]
-           for graph, dims in prefill_dims(s, text_before, text_after).items()}
+        model_config = load_model_config(source_dir(build.manifest, model))  # the checkpoint the build was made from
+    config, p = model_config, build.plan
+    analytic_vision, analytic_prefill = F.plan_flops(config, p, text_before + text_after)
+    vision = graph_flops(build.path("graphs", VISION), {})
+    llm = {graph: graph_flops(build.path("graphs", graph), dims)["matmul"]
+           for graph, dims in prefill_dims(p, text_before, text_after).items()}
+    steps = {kind: [[s.layer, s.tokens_in, s.tokens_out] for s in getattr(p, kind)] for kind in ("vision", "language")}
     return [
-        CrossCheck("vision", F.vision_flops(vision_model, s["crops"], geometry.patches, vision_steps, geometry.feature_layer),
-                   vision["matmul"], _vision_terms(config, s["vision"], s["crops"], s["kept_per_crop"]), vision["conv"]),
-        CrossCheck("prefill", F.prefill_flops(text_model, text_before + text_after, s["visual_tokens"], language_steps),
-                   sum(llm.values()), _prefill_terms(config, s["language"], text_after), graphs=llm),
+        CrossCheck("vision", analytic_vision, vision["matmul"], _vision_terms(config, steps["vision"], p.crops, p.kept_per_crop),
+                   vision["conv"]),
+        CrossCheck("prefill", analytic_prefill, sum(llm.values()), _prefill_terms(config, steps["language"], text_after), graphs=llm),
     ]
 
 

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # `python scripts/memory.py`: make the repository
 
 from ficoco.config import FiCoCoConfig
 from ficoco.memory import KV_DTYPES, WEIGHTS, format_plan, plan_dict, plan_memory
+from ficoco.plan import DEFAULT_MAX_SEQ_LEN
 from scripts.flops import load_model_config, shipped_models
 
 
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vision-weights", choices=WEIGHTS, help="vision graph weights (default: --weights)")
     p.add_argument("--kv-dtype", choices=tuple(KV_DTYPES), help="KV cache element type (default fp16; fp32 with fp32 weights)")
     p.add_argument("--block-size", type=int, default=32, help="int4 quantization block (input elements, default 32)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens the KV cache holds (default 2048)")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help=f"prompt + answer tokens the KV cache holds (default {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--prompt-len", type=int,
                    help="longest prompt (visual tokens included) the prefill activations are sized for (default: --max-seq-len)")
     p.add_argument("--grid", type=_grid, help="LLaVA-NeXT anyres grid RxC (default: the one with most crops)")

@@ -11,21 +11,18 @@ share of them (its merge target, the largest alpha of Eq. 2's weights). For
 LLaVA-NeXT the base (whole-image) crop is shown. Without --image the picture
 is `skimage.data.astronaut()`.
 
-How the steps are captured: `recording_vision_steps` temporarily replaces
-`ficoco.patch.clip.vision_step` (the name `clip.reducing_layer` calls) with a
-wrapper that runs the real step, then recomputes its split and merge weights
-with the same `ficoco.core` functions and checks that they choose the same
-tokens; the original function is restored on exit. The encoder is run with
-`ficoco.patch.clip.encode`, so the model itself is never patched.
+How the steps are captured: the encoder is run with `ficoco.patch.clip.encode`
+(the model itself is never patched) while observing its FiCoCo-V steps
+(`ficoco.patch.observe.observing`); each reported step's split and merge weights
+are recomputed from its attention map with the same `ficoco.core` functions,
+which must choose the tokens the step kept.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,25 +66,6 @@ def analyse_step(attn, positions, r: int, params, kept) -> tuple[tuple[int, ...]
     return tuple(pos[src[0]].tolist()), tuple(targets.tolist()), tuple(kept[0].tolist())
 
 
-@contextlib.contextmanager
-def recording_vision_steps() -> Iterator[list[tuple]]:
-    """Within the block, every FiCoCo-V step appends (discarded, targets, kept) of crop 0 to the yielded list."""
-    from ficoco.patch import clip
-
-    original, records = clip.vision_step, []
-
-    def recorded(x, attn, positions, r, params):
-        out, kept = original(x, attn, positions, r, params)
-        records.append(analyse_step(attn, positions, r, params, kept))
-        return out, kept
-
-    clip.vision_step = recorded
-    try:
-        yield records
-    finally:
-        clip.vision_step = original
-
-
 def preprocess(processor, image: Image.Image):
     """(pixel_values [1, 3, S, S] of the first crop, the same crop as an RGB uint8 array)."""
     processed = processor.image_processor(images=image.convert("RGB"), return_tensors="pt")
@@ -106,14 +84,19 @@ def trace(model, processor, image: Image.Image, config) -> tuple[np.ndarray, lis
 
     from ficoco.patch import clip
     from ficoco.patch.llava import make_plan
+    from ficoco.patch.observe import observing
 
     plan = make_plan(model, config)
     if not plan.vision:
         raise ValueError(f"FiCoCo-{config.variant.upper()} at this ratio has no FiCoCo-V step to show")
     pixels, rgb = preprocess(processor, image)
-    with torch.no_grad(), recording_vision_steps() as records:
+    with torch.no_grad(), observing() as events:
         clip.encode(model.model.vision_tower, pixels, plan.vision, plan.geometry.feature_layer, plan.vision_params)
-    steps = [StepRecord(step.layer, *record) for step, record in zip(plan.vision, records, strict=True)]
+    steps = [StepRecord(event.layer, *analyse_step(event.attn, event.positions, event.r, event.params, event.kept))
+             for event in events]
+    if [step.layer for step in steps] != [step.layer for step in plan.vision]:
+        raise RuntimeError(f"observed FiCoCo-V steps at layers {[s.layer for s in steps]}, "
+                           f"the plan has {[s.layer for s in plan.vision]}")
     return rgb, steps, plan
 
 

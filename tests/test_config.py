@@ -76,3 +76,20 @@ def test_schedule_errors_name_the_model_limits():
         build_schedule(FiCoCoConfig("v", ratio=0.5, vision_start_layer=23), LLAVA_15)
     with pytest.raises(ValueError, match=r"language_layers=\(32,\) .* 32 decoder layers"):
         build_schedule(FiCoCoConfig("l", ratio=0.5, language_layers=(32,)), LLAVA_15)
+
+
+def test_lists_become_tuples_so_the_config_stays_hashable():
+    """`language_layers=[4, 8]` (a JSON manifest, a caller's list) is the tuple config, hashable as the patch needs."""
+    config = FiCoCoConfig("vl", ratio=0.25, language_layers=[4, 8], window=[3, 3])
+    assert config.language_layers == (4, 8) and config.window == (3, 3)
+    assert config == FiCoCoConfig("vl", ratio=0.25, language_layers=(4, 8), window=(3, 3))
+    assert hash(config) == hash(FiCoCoConfig("vl", ratio=0.25, language_layers=(4, 8), window=(3, 3)))
+    assert build_schedule(config, LLAVA_15).language == (Step(4, 288, 216), Step(8, 216, 144))
+
+
+@pytest.mark.parametrize("kwargs", [dict(language_layers=4), dict(language_layers="4"), dict(language_layers=[4.0]),
+                                    dict(window=(True, 2)), dict(window=None)])
+def test_layers_and_window_that_are_not_ints_are_refused_by_name(kwargs):
+    name, value = next(iter(kwargs.items()))
+    with pytest.raises(ValueError, match=f"{name} must be a sequence of ints, got {name}="):
+        FiCoCoConfig("vl", ratio=0.25, **kwargs)

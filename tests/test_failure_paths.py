@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import zlib
@@ -102,9 +103,11 @@ GRAPHS = (names.VISION, names.decoder(0))  # graphs every build has
 # every manifest value the runtime relies on: any of BROKEN must be refused
 RELIED_ON = [
     ("schema",), ("schema_version",), ("source",), ("source", "architecture"), ("source", "text"),
-    *[("source", "text", key) for key in ("layers", "hidden", "kv_heads", "head_dim", "vocab", "image_token_id", "eos_token_ids")],
-    ("schedule",), *[("schedule", key) for key in ("language", "patches_per_crop", "kept_per_crop", "crops", "visual_tokens")],
-    ("precision",), ("max_seq_len",), ("preprocess",), ("preprocess", "crop_size"), ("preprocess", "size"),
+    *[("source", "text", key) for key in ("image_token_id", "eos_token_ids")],
+    ("schedule",), *[("schedule", key) for key in ("language", "patches_per_crop", "kept_per_crop", "crops", "visual_tokens",
+                                                   "max_seq_len", "segments", "text", "geometry")],
+    *[("schedule", "text", key) for key in ("layers", "hidden", "kv_heads", "head_dim", "vocab")],
+    ("precision",), ("preprocess",), ("preprocess", "crop_size"), ("preprocess", "size"),
     ("graphs",), *[("graphs", g) for g in GRAPHS], *[("graphs", g, key) for g in GRAPHS for key in ("file", "sha256")],
     ("embedding",), *[("embedding", key) for key in ("file", "offset", "shape", "dtype")],
     ("tokenizer",), ("tokenizer", "files"),
@@ -115,12 +118,14 @@ def shifted(manifest: dict) -> dict[str, tuple[tuple, object]]:
     """Plausible values that contradict the graphs or the build's other files: each must be refused."""
     text, schedule = manifest["source"]["text"], manifest["schedule"]
     crop = manifest["preprocess"]["crop_size"]
-    cases = {f"{key}+1": (("source", "text", key), text[key] + 1) for key in ("layers", "kv_heads", "head_dim", "vocab", "image_token_id")}
+    cases = {f"text.{key}+1": (("schedule", "text", key), schedule["text"][key] + 1) for key in ("layers", "kv_heads", "head_dim", "vocab")}
+    cases["image_token_id+vocab"] = (("source", "text", "image_token_id"), text["image_token_id"] + schedule["text"]["vocab"])
     cases |= {f"{key}+1": (("schedule", key), schedule[key] + 1) for key in ("kept_per_crop", "crops", "visual_tokens")}
+    cases["a segment's capacity +1"] = (("schedule", "segments"), [[a, b, c + 1] for a, b, c in schedule["segments"]])
     cases |= {
         "another EOS": (("source", "text", "eos_token_ids"), [*text["eos_token_ids"], max(text["eos_token_ids"]) + 1]),
-        "max_seq_len x2": (("max_seq_len",), manifest["max_seq_len"] * 2),
-        "max_seq_len -1": (("max_seq_len",), manifest["max_seq_len"] - 1),
+        "max_seq_len x2": (("schedule", "max_seq_len"), schedule["max_seq_len"] * 2),
+        "max_seq_len -1": (("schedule", "max_seq_len"), schedule["max_seq_len"] - 1),
         "fp16": (("precision",), "fp16"),
         "crop height -1": (("preprocess", "crop_size"), {**crop, "height": crop["height"] - 1}),
         "LLaVA-NeXT": (("source", "architecture"), "LlavaNextForConditionalGeneration"),
@@ -180,7 +185,7 @@ def test_random_manifest_damage_is_refused_or_harmless(build_copy, image):
 
 @pytest.mark.parametrize("path, value", [
     (("graphs",), None), (("graphs", "decoder.0", "file"), "../../other/decoder.0.onnx"), (("schedule",), DELETE),
-    (("schedule", "visual_tokens"), "x"), (("graphs", "decoder.0", "inputs"), None), (("source", "text", "layers"), 9),
+    (("schedule", "visual_tokens"), "x"), (("graphs", "decoder.0", "inputs"), None), (("schedule", "text", "layers"), 9),
 ])
 def test_from_onnx_refuses_a_mangled_manifest(build_copy, path, value):
     (build_copy / "manifest.json").write_text(json.dumps(mutate(read(build_copy), path, value)))
@@ -188,6 +193,20 @@ def test_from_onnx_refuses_a_mangled_manifest(build_copy, path, value):
     code, err = run_main(build_main, ["--from-onnx", str(build_copy), "--backend", "tensorrt-rtx"])
     assert_one_line(code, err, (2,), f"--from-onnx with {'.'.join(path)} = {value!r}")
     assert snapshot(build_copy.parent) == before
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--max-seq-len", "4096"], "--max-seq-len 4096 (the build's is 2048); drop it"),
+    (["--precision", "fp16"], "--precision fp16 (the build's is fp32); drop it"),
+    (["--max-seq-len", "1024", "--precision", "bf16"], "--max-seq-len 1024 (the build's is 2048), --precision bf16"),
+    (["--max-seq-len", "2048", "--precision", "fp32"], "--from-onnx needs a TensorRT backend"),  # the build's: accepted
+])
+def test_from_onnx_refuses_what_the_export_fixed(build_copy, flags, named):
+    """--max-seq-len and --precision were fixed when the ONNX was exported: given otherwise, one line and nothing changes."""
+    before = snapshot(build_copy.parent)
+    code, err = run_main(build_main, ["--from-onnx", str(build_copy), "--backend", "none", *flags])
+    assert_one_line(code, err, (2,), f"--from-onnx {' '.join(flags)}")
+    assert named in err and snapshot(build_copy.parent) == before, err
 
 
 # ------------------------------------------------------------------ export.build: the model directory
@@ -284,6 +303,7 @@ def out_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "--tokens above the patches": (["--tokens", "577", "--out", str(tmp_path / "c")], "tokens=577 is more than the 576"),
         "--max-seq-len above the positions": (["--max-seq-len", "5000", "--out", str(tmp_path / "c")], "max_position_embeddings"),
         "--grid on LLaVA-1.5": (["--grid", "1x2", "--out", str(tmp_path / "c")], "LLaVA-NeXT only"),
+        "--grid 2x2 on LLaVA-1.5": (["--grid", "2x2", "--out", str(tmp_path / "c")], "2x2 applies to LLaVA-NeXT only"),
     }
     if Path("/proc/self").is_dir():  # a place where nothing can be created
         cases["--out under /proc"] = (["--out", "/proc/ficoco-test/b"], "cannot write beside it")
@@ -297,6 +317,23 @@ def test_bad_out_and_flags_are_refused_before_any_work(tmp_path):
         code, err = run_main(build_main, argv)
         assert_one_line(code, err, (2,), what)
         assert message in err and snapshot(tmp_path) == before, (what, err)
+
+
+@pytest.mark.parametrize("args, given, visual, generated", [
+    (["--model", "tiny-llava-1.5", "--ratio", "0.5", "--max-seq-len", "64"], 64, 288, True),
+    (["--model", "tiny-llava-next", "--variant", "l", "--ratio", "0.5"], 2048, 2882, True),  # the default --max-seq-len
+    (["--model", "tiny-llava-next", "--variant", "l", "--ratio", "0.5", "--no-verify"], 2048, 2882, False),
+], ids=["1.5-short", "next-default", "next-no-verify"])
+def test_a_max_seq_len_the_prompts_overflow_is_refused_before_any_export(args, given, visual, generated, tmp_path):
+    """The unreduced prompt at layer 0 (its text + the plan's visual tokens), and with the verification the
+    tokens it generates, must fit --max-seq-len: else one line naming both, exit 2, nothing written."""
+    before = snapshot(tmp_path)
+    code, err = run_main(build_main, [*args, "--backend", "none", "--out", str(tmp_path / "b")])
+    assert_one_line(code, err, (2,), " ".join(args))
+    need = re.search(r"--max-seq-len (\d+) is shorter than the (\d+) tokens this build needs", err)
+    assert need and int(need[1]) == given < int(need[2]), err
+    assert f" + {visual} visual)" in err and ("tokens the verification generates" in err) == generated, err
+    assert f"give --max-seq-len {need[2]} or more" in err and snapshot(tmp_path) == before
 
 
 @pytest.mark.skipif(not rtx_installed(), reason="TensorRT-RTX is not installed: pip install 'ficoco-edge[rtx]'")

@@ -6,6 +6,8 @@ import pytest
 
 from ficoco import memory as M
 from ficoco.config import FiCoCoConfig, Step
+from ficoco.geometry import config_geometry, text_geometry
+from ficoco.plan import assemble, plan
 from scripts.flops import load_model_config
 
 # --------------------------------------------------------------------------- against Hugging Face
@@ -99,7 +101,8 @@ def test_counts_follow_head_dim_biases_and_feature_layers():
     model, config = hf_model("llava", VISION, text(False, head_dim=12, attention_bias=True, mlp_bias=True),
                              multimodal_projector_bias=False, vision_feature_layer=[-2, -3])
     check(model, config, [1])
-    assert M.text_dims(config) == (32, 4, 2, 12)
+    t = text_geometry(config)
+    assert (t.hidden, t.heads, t.kv_heads, t.head_dim) == (32, 4, 2, 12)
 
 
 def test_bytes_follow_the_formats():
@@ -144,27 +147,31 @@ def test_bad_weights_and_layers():
 
 def test_kv_capacities_shrink_after_each_reduction():
     config = load_model_config("llava-1.5-7b")
-    assert M.kv_capacities(config, 2048, [Step(4, 576, 288)]) == [2048] * 5 + [1760] * 27
-    steps = [Step(2, 576, 432), Step(6, 432, 288)]
-    assert M.kv_capacities(config, 2048, steps) == [2048] * 3 + [1904] * 4 + [1760] * 25
+    assert plan(config, FiCoCoConfig("l", ratio=0.5), max_seq_len=2048).capacities == (2048,) * 5 + (1760,) * 27
+    two = plan(config, FiCoCoConfig("l", ratio=0.5, language_layers=(2, 6)), max_seq_len=2048)
+    assert two.language == (Step(2, 576, 432), Step(6, 432, 288))
+    assert two.capacities == (2048,) * 3 + (1904,) * 4 + (1760,) * 25
     per_token = 2 * 32 * 128 * 2  # K and V, 32 heads of 128, fp16
-    assert M.kv_bytes(config, 2048, steps, 2) == per_token * (3 * 2048 + 4 * 1904 + 25 * 1760)
-    assert M.kv_bytes(config, 2048, [], 2) == 2**30
+    assert M.kv_bytes(two, 2) == per_token * (3 * 2048 + 4 * 1904 + 25 * 1760)
+    assert M.kv_bytes(plan(config, None, max_seq_len=2048), 2) == 2**30
 
 
 def test_kv_uses_kv_heads_and_head_dim():
-    config = {"text_config": text(False, head_dim=12)}
-    assert M.kv_bytes(config, 100, [Step(1, 50, 20)], 4) == 2 * 2 * 12 * 4 * (2 * 100 + 2 * 70)
+    config = {"text_config": text(False, head_dim=12), "vision_config": VISION, "model_type": "llava"}
+    geometry = config_geometry(config)
+    p = assemble("l", geometry, text_geometry(config), None, (), (Step(1, 16, 6),), 100)
+    assert p.capacities == (100, 100, 90, 90)
+    assert M.kv_bytes(p, 4) == 2 * 2 * 12 * 4 * (2 * 100 + 2 * 90)
 
 
 def test_kv_rejects_bad_lengths():
     config = load_model_config("llava-1.5-7b")
     with pytest.raises(ValueError, match="max_seq_len"):
-        M.kv_capacities(config, 288, [Step(4, 576, 288)])
+        plan(config, FiCoCoConfig("l", ratio=0.5), max_seq_len=288)
     with pytest.raises(ValueError, match="positive integer"):
-        M.kv_capacities(config, 0, [])
+        plan(config, None, max_seq_len=0)
     with pytest.raises(ValueError, match="outside"):
-        M.kv_capacities(config, 2048, [Step(40, 576, 288)])
+        assemble("l", config_geometry(config), text_geometry(config), None, (), (Step(40, 576, 288),), 2048)
 
 
 # --------------------------------------------------------------------------- plan and devices

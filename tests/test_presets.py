@@ -174,6 +174,20 @@ def test_resolve_unknown_name_and_bad_dir(tmp_path) -> None:
         load(empty)
 
 
+def test_checkpoint_sits_below_presets() -> None:
+    """ficoco.checkpoint owns ModelSourceError and imports nothing of ficoco.presets (no import cycle), at any level."""
+    import ast
+
+    from ficoco import checkpoint, real_presets
+
+    tree = ast.parse(Path(checkpoint.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not [name for name in imported if name and "presets" in name], sorted(filter(None, imported))
+    assert presets.ModelSourceError is checkpoint.ModelSourceError is real_presets.ModelSourceError
+    assert ModelSourceError.__module__ == "ficoco.checkpoint"
+
+
 def test_resolve_existing_dir_and_cached_preset(preset_dirs, tmp_path, monkeypatch) -> None:
     assert resolve_model_dir(preset_dirs["tiny-llava-1.5"]) == preset_dirs["tiny-llava-1.5"]
     calls: list[Path] = []

@@ -5,7 +5,8 @@ it are skipped: their output is never used). At a scheduled layer the
 attention is computed with its probabilities exposed and the FiCoCo-V step runs
 between the attention residual and the MLP block. Each patch token carries its
 original grid position through the layers for the local penalty; the positions
-are a local variable of the forward, never module state.
+are a local variable of the forward, never module state. Each step is reported to
+whoever observes (`ficoco.patch.observe`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers.models.clip import modeling_clip
 
 from ..config import Step
 from ..core import VisionStepParams, vision_step
+from . import observe
 
 
 def attention_with_probs(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,15 +37,20 @@ def attention_with_probs(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return out, probs.mean(dim=1)
 
 
-def reducing_layer(layer: nn.Module, h: Tensor, positions: Tensor, r: int, params: VisionStepParams):
+def reducing_layer(
+    layer: nn.Module, h: Tensor, positions: Tensor, r: int, params: VisionStepParams, index: int | None = None
+):
     """CLIPEncoderLayer.forward with a FiCoCo-V step before the MLP block.
 
     h: [B, N, C]; positions: [B, N-1]. Returns h [B, N-r, C], positions [B, N-1-r].
+    `index` (the encoder layer's number) is what observers (`ficoco.patch.observe`) are told.
     """
     attn_out, attn_map = attention_with_probs(layer.self_attn, layer.layer_norm1(h))
     h = h + attn_out
-    h, positions = vision_step(h, attn_map, positions, r, params)  # FiCoCo-V
-    return h + layer.mlp(layer.layer_norm2(h)), positions
+    out, kept = vision_step(h, attn_map, positions, r, params)  # FiCoCo-V
+    if observe.active():
+        observe.report(observe.VisionEvent(index, r, params, h, attn_map, positions, out, kept))
+    return out + layer.mlp(layer.layer_norm2(out)), kept
 
 
 def encode(
@@ -63,7 +70,7 @@ def encode(
     by_layer = {step.layer: step.r for step in steps}
     for index, layer in enumerate(vision.encoder.layers[: feature_layer + 1]):
         if index in by_layer:
-            h, positions = reducing_layer(layer, h, positions, by_layer[index], params)
+            h, positions = reducing_layer(layer, h, positions, by_layer[index], params, index)
         else:
             h = layer(h, None)
     return h, positions

@@ -15,6 +15,8 @@ upstream layer loop with three changes, each marked `# FiCoCo:`:
    (an additive [1, 1, q, kv] mask; none for a single decoded token, which sees
    its whole cache). Padded batches are refused upstream (`ficoco.patch.llava`).
 
+Each step is reported to whoever observes (`ficoco.patch.observe`).
+
 Not supported on this path: `output_hidden_states` / `output_attentions`
 capture, and padding inside a batch.
 """
@@ -27,6 +29,7 @@ from transformers.models.llama import modeling_llama
 
 from ..config import Step
 from ..core import LanguageStepParams, language_step
+from . import observe
 
 
 def causal_mask(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -56,15 +59,18 @@ def attention_with_probs(attn: nn.Module, x: Tensor, position_embeddings, cache,
     return attn.o_proj(out.reshape(batch, length, -1)), probs.mean(dim=1)
 
 
-def reducing_layer(layer, h, position_embeddings, mask, cache, span, r, params):
+def reducing_layer(layer, h, position_embeddings, mask, cache, span, r, params, index: int | None = None):
     """LlamaDecoderLayer.forward with a FiCoCo-L step before the MLP block.
 
     h: [B, L, C]. Returns h [B, L-r, C] and the kept rows [B, L-r] of the input.
+    `index` (the decoder layer's number) is what observers (`ficoco.patch.observe`) are told.
     """
     attn_out, attn_map = attention_with_probs(layer.self_attn, layer.input_layernorm(h), position_embeddings, cache, mask)
     h = h + attn_out
-    h, kept = language_step(h, attn_map, span[0], span[1], r, params)  # FiCoCo-L
-    return h + layer.mlp(layer.post_attention_layernorm(h)), kept
+    out, rows = language_step(h, attn_map, span[0], span[1], r, params)  # FiCoCo-L
+    if observe.active():
+        observe.report(observe.LanguageEvent(index, span[0], span[1], r, params, h, attn_map, out, rows))
+    return out + layer.mlp(layer.post_attention_layernorm(out)), rows
 
 
 def decoder_forward(
@@ -101,7 +107,7 @@ def decoder_forward(
             continue
         # ---- FiCoCo: reduce the visual span, keep the preserved tokens' positions ----
         assert span is not None and past == 0 and step.tokens_in == span[1], (step, span, past)
-        h, kept = reducing_layer(layer, h, position_embeddings, mask, cache, span, step.r, params)
+        h, kept = reducing_layer(layer, h, position_embeddings, mask, cache, span, step.r, params, index)
         position_ids = position_ids.gather(1, kept)  # [B, L-r] original positions
         position_embeddings = decoder.rotary_emb(h, position_ids=position_ids)
         span = (span[0], step.tokens_out)

@@ -40,6 +40,7 @@ from transformers.models.llava_next import modeling_llava_next
 
 from ..config import FiCoCoConfig, ModelGeometry, Step, build_schedule, language_schedule
 from ..core import LanguageStepParams, VisionStepParams
+from ..geometry import config_geometry
 from . import clip, llama
 
 VISION_TOWERS = {"CLIPVisionModel": clip.encode}
@@ -217,15 +218,8 @@ ADAPTERS: dict[str, Adapter] = {
 
 
 def geometry_of(model) -> ModelGeometry:
-    """Read the schedule-relevant shapes from a loaded model's config."""
-    vision, text = model.config.vision_config, model.config.text_config
-    feature = model.config.vision_feature_layer
-    if not isinstance(feature, int):
-        raise ValueError(f"vision_feature_layer={feature} (several layers) is not supported by FiCoCo")
-    layers = vision.num_hidden_layers
-    hidden_index = feature if feature >= 0 else layers + 1 + feature  # index into hidden_states (0 = embeddings)
-    side = vision.image_size // vision.patch_size
-    return ModelGeometry((side, side), layers, hidden_index - 1, text.num_hidden_layers)
+    """The schedule-relevant shapes of a loaded model (`ficoco.geometry.config_geometry` of its config)."""
+    return config_geometry(model.config.to_dict())
 
 
 def make_plan(model, config: FiCoCoConfig) -> Plan:

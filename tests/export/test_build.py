@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -12,13 +13,30 @@ import pytest
 
 from export.build import main
 from runtime import names
-from runtime.manifest import check_files, read, sha256_file
-from tests.conftest import BUILDS, rtx_installed
+from ficoco.plan import BuildPlan
+from runtime.manifest import Build, check_files, read, sha256_file
+from tests.conftest import BUILDS, QUANT_BUILDS, rtx_installed
 
 FORBIDDEN_OPS = {"NonZero", "ScatterND", "Loop", "If", "Unique"}
 
 
 requires_rtx = pytest.mark.skipif(not rtx_installed(), reason="TensorRT-RTX is not installed: pip install 'ficoco-edge[rtx]'")
+
+
+@pytest.mark.parametrize("name", [*BUILDS, *QUANT_BUILDS])
+def test_the_runtime_reads_back_the_plan_the_export_wrote(build_dir, quant_build_dir, name):
+    """Build.plan is the manifest's schedule read back by BuildPlan.from_dict, and its counts are the export's
+    (the graphs' I/O, the segments' cache inputs), not a second formula."""
+    directory = quant_build_dir(name) if name in QUANT_BUILDS else build_dir(name)
+    manifest, build = read(directory), Build.from_directory(directory)
+    assert build.plan == BuildPlan.from_dict(manifest["schedule"]) and build.plan.to_dict() == manifest["schedule"]
+    features = next(o for o in manifest["graphs"]["vision"]["outputs"] if o["name"] == names.IMAGE_FEATURES)
+    assert features["shape"][0] == build.plan.visual_tokens
+    for segment in build.plan.segments:
+        inputs = {t["name"] for t in manifest["graphs"][names.decoder(segment.index)]["inputs"]}
+        assert {n for n in inputs if n.startswith("past.")} == set(names.cache_names(names.past, segment.layers))
+    removed = {"1.5-l": 288, "1.5-l-int4": 288, "1.5-vl": 144, "next-vl": 721}.get(name, 0)  # FiCoCo-L at layer 4 of 8
+    assert build.plan.capacities == (2048,) * 5 + (2048 - removed,) * 3
 
 
 @requires_rtx
@@ -29,7 +47,8 @@ def test_build_holds_graphs_engines_and_passing_parity(build_dir, name):
     check_files(directory, manifest["graphs"])
     check_files(directory, manifest["engines"])
     steps = len(manifest["schedule"]["language"])
-    graphs = names.graph_names(steps, embed=True)  # the tiny presets' LM heads are untied
+    llm = ["decoder.0", "reduce.1", "decoder.1"] if steps else ["decoder.0"]
+    graphs = ["vision", "embed", *llm]  # the tiny presets' LM heads are untied
     assert list(manifest["graphs"]) == graphs and list(manifest["engines"]) == [g for g in graphs if g != "embed"]
     assert steps == (1 if "l" in BUILDS[name][1] else 0)
     parity = json.loads((directory / "parity.json").read_text())
@@ -176,14 +195,79 @@ def test_from_onnx_rejects_missing_or_altered_graphs(build_dir, tmp_path, capsys
 
 def test_tflops_budget_resolves_to_the_most_tokens_that_fit(tiny):
     """--tflops B keeps the largest per-crop token count whose prefill (ficoco.flops convention) fits B."""
-    from export.pipeline import resolve_budget
-    from export.request import BuildRequest
+    from export.request import BuildRequest, resolve_budget
     from ficoco.flops import prefill_flops, text_of
 
     model = tiny["tiny-llava-1.5"][0]
-    resolved = resolve_budget(model, BuildRequest(tflops=0.002))
+    resolved = resolve_budget(BuildRequest(tflops=0.002), model.config.to_dict(), None)
     text = text_of(model.config.text_config.to_dict())
     assert resolved.tflops is None and 1 <= resolved.tokens < 576
     assert prefill_flops(text, 60, resolved.tokens, {}) <= 0.002e12 < prefill_flops(text, 60, resolved.tokens + 1, {})
     with pytest.raises(ValueError, match="exactly one of --ratio, --tokens and --tflops"):
         BuildRequest(tflops=0.002, ratio=0.5)
+
+
+# ------------------------------------------------------------------ what the build prints (no export)
+
+
+def checked_plan(preset: str, request):
+    """request.ModelCheck of `request` on a preset, from its config.json alone (as check_model resolves it)."""
+    from export.request import ModelCheck
+    from ficoco import plan
+    from ficoco.presets import resolve_model_dir
+
+    source = resolve_model_dir(preset)
+    config = json.loads((source / "config.json").read_text())
+    grid = request.grid if preset == "tiny-llava-next" else None
+    return ModelCheck(source, request, None, plan(config, request.ficoco_config(), grid, request.max_seq_len), tied=False)
+
+
+@pytest.mark.parametrize("preset, kwargs, engines, stages", [
+    ("tiny-llava-1.5", dict(ratio=0.5), False, 6),  # load, patch, export vision, embed, decoder.0, verify
+    ("tiny-llava-1.5", dict(variant="l", ratio=0.5), True, 12),  # + reduce.1, decoder.1; an engine for all but embed
+    ("tiny-llava-1.5", dict(variant="l", ratio=0.5, weights="int4"), False, 10),  # + quantize, measure
+    ("tiny-llava-1.5", dict(variant="l", ratio=0.5, weights="int4", verify=False), False, 8),  # quantize, no measure
+    ("tiny-llava-next", dict(variant="none", verify=False), True, 7),
+])
+def test_every_stage_is_counted_before_the_first(preset, kwargs, engines, stages):
+    from export.build import stage_count
+    from export.request import BuildRequest
+
+    assert stage_count(checked_plan(preset, BuildRequest(model=preset, **kwargs)), engines) == stages
+
+
+def test_an_unreduced_build_names_no_ficoco_step():
+    """--variant none: no "FiCoCo-NONE" stage and no "(FiCoCo-V)" on tokens FiCoCo-V never touched."""
+    from export.build import patch_title
+    from export.report import Progress, summary
+    from export.request import BuildRequest
+
+    flops = {"tflops": {"prefill": 1.0, "vision": 1.0}, "unreduced_tflops": {"prefill": 1.0}, "prefill_reduction": 1.0}
+    lines = {}
+    for variant, ratio in (("none", None), ("v", 0.5), ("l", 0.5)):
+        plan = checked_plan("tiny-llava-1.5", BuildRequest(variant=variant, ratio=ratio)).plan
+        progress = Progress(2, io.StringIO())
+        progress.rows.append((patch_title(plan), 1.0))
+        body = {"schedule": plan.to_dict(), "graphs": {}, "parity": None, "flops": flops}
+        printed = summary(body, progress, Path("b")).splitlines()
+        lines[variant] = [line for line in printed if "visual tokens" in line or "stages" in line]
+    assert lines["none"] == ["  visual tokens: 1 crop(s), 576 per crop, 576 into the LLM",
+                             "  stages: prepare the graphs, unreduced 1.0s"]
+    assert lines["v"] == ["  visual tokens: 1 crop(s), 576 -> 288 per crop (FiCoCo-V), 288 into the LLM",
+                          "  stages: patch FiCoCo-V 1.0s"]
+    assert lines["l"][0] == "  visual tokens: 1 crop(s), 576 per crop, 576 into the LLM, 288 after layer 4 (FiCoCo-L)"
+
+
+def test_the_longest_prompt_and_the_generated_tokens_must_fit_max_seq_len():
+    """check_sequence at its boundary: text + the plan's visual tokens + generated tokens == --max-seq-len fits."""
+    from export.request import BuildRequest, SequenceLengthError, check_sequence
+
+    plan = checked_plan("tiny-llava-1.5", BuildRequest(ratio=0.5)).plan  # 288 visual tokens
+    prompts = [(5, 6), (5, 18), (9, 3)]  # the longest: 23 text tokens
+    check_sequence(23 + 288 + 32, plan, prompts, 32)
+    check_sequence(23 + 288, plan, prompts, 0)
+    with pytest.raises(SequenceLengthError, match=r"--max-seq-len 342 is shorter than the 343 tokens .* \(23 text \+ 288 "
+                                                  r"visual\) \+ 32 tokens the verification generates; give --max-seq-len 343"):
+        check_sequence(342, plan, prompts, 32)
+    with pytest.raises(SequenceLengthError, match="the model has 300 positions: keep fewer visual tokens"):
+        check_sequence(300, plan, prompts, 32, positions=300)

@@ -2,7 +2,9 @@
 
 The build tests need TensorRT-RTX (the `rtx` extra) and skip without it; the rest run anywhere. Standard
 TensorRT cannot be installed here; its code path (strongly typed network, no compute-capability
-targets) is run through TensorRT-RTX's bindings, which share the TensorRT 10 builder API.
+targets) is run through TensorRT-RTX's bindings, which share the TensorRT 10 builder API. Where a test
+needs TensorRT to misbehave (a parser that reports an error yet succeeds, a builder that logs), the
+real module is wrapped (`_Wrapped`), so everything else is still TensorRT's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from export.engine import (
     load_flavour,
     trtexec_command,
 )
+from runtime import trtlib
+
+REPO = Path(__file__).resolve().parents[2]
 
 SEQ = ((1, 4, 16), (1, 8, 16), (1, 64, 16))  # (min, opt, max) of the toy's input "x"
 PROFILES = {"x": SEQ}
@@ -74,6 +79,16 @@ def toy_onnx(tmp_path_factory: pytest.TempPathFactory, rtx: Flavour) -> dict[str
     return {p: _export_toy(root / f"toy_{p}.onnx", half=p == "fp16") for p in ("fp32", "fp16")}
 
 
+class _Wrapped:
+    """A TensorRT module with some attributes replaced (`overrides`); every other one is the real module's."""
+
+    def __init__(self, module: object, **overrides: object) -> None:
+        self._module, self._overrides = module, overrides
+
+    def __getattr__(self, name: str) -> object:
+        return self._overrides[name] if name in self._overrides else getattr(self._module, name)
+
+
 def _onnx_model(path: Path, node: object, inputs: list, outputs: list, initializers: tuple = ()) -> Path:
     """Save a one-node ONNX graph."""
     import onnx
@@ -84,6 +99,28 @@ def _onnx_model(path: Path, node: object, inputs: list, outputs: list, initializ
 
 
 # --- flavours -------------------------------------------------------------------------------
+
+
+def test_one_tensorrt_layer_for_export_and_runtime() -> None:
+    """export.engine builds with the runtime's TensorRT layer: the same importer, flavour type and error types, and no
+    other module defines a TensorRT logger, a module table or an install hint of its own."""
+    from runtime import backend_trt, errors
+
+    assert load_flavour is trtlib.load_flavour and Flavour is trtlib.Flavour
+    assert backend_trt.import_trt is trtlib.import_trt
+    assert BackendNotInstalledError is errors.BackendNotInstalledError
+    assert UnsupportedVersionError is errors.UnsupportedVersionError
+    files = [p for folder in ("export", "runtime", "scripts") for p in (REPO / folder).glob("*.py")]
+    sources = {p.relative_to(REPO).as_posix(): p.read_text() for p in files}
+    owners = {
+        "(trt.ILogger)": {"runtime/trtlib.py"},
+        "ficoco-edge[trt]": {"runtime/errors.py"},
+        "ficoco-edge[rtx]": {"runtime/errors.py"},
+        "class BackendNotInstalledError": {"runtime/errors.py"},
+        '("tensorrt_rtx_bindings", "tensorrt_rtx")': {"runtime/errors.py"},
+    }
+    for text, where in owners.items():
+        assert {name for name, source in sources.items() if text in source} == where, text
 
 
 def test_unknown_backend_is_a_value_error_naming_it() -> None:
@@ -202,7 +239,7 @@ def test_rtx_builds_the_toy_for_ampere_and_blackwell(
     lines: list[str] = []
     report = build_engine(spec, rtx, log=lines.append)
     data = spec.engine_path.read_bytes()
-    assert report["parser_errors"] == 0 and report["flavour"] == "tensorrt-rtx"
+    assert report["parser_errors"] == 0 and report["flavour"] == "tensorrt-rtx"  # the parser's count (an error stops the build)
     assert report["bytes"] == len(data) > 0 and report["sha256"] == hashlib.sha256(data).hexdigest()
     dtype = {"fp32": "float32", "fp16": "float16"}[precision]
     assert report["inputs"] == [{"name": "x", "dtype": dtype, "shape": [1, -1, 16]}]
@@ -227,21 +264,77 @@ def test_truncated_onnx_raises_and_writes_nothing(rtx: Flavour, toy_onnx: dict[s
     _assert_nothing_written(engine)
 
 
-def test_scatter_with_reduction_is_a_parser_error(rtx: Flavour, tmp_path: Path) -> None:
+def _scatter_add(tmp_path: Path) -> Path:
+    """A valid ONNX model TensorRT cannot parse: ScatterElements with reduction="add"."""
     from onnx import TensorProto
     from onnx.helper import make_node, make_tensor_value_info as value
 
-    onnx_path = _onnx_model(
+    return _onnx_model(
         tmp_path / "scatter_add.onnx",
-        make_node("ScatterElements", ["data", "idx", "upd"], ["y"], axis=1, reduction="add"),
+        make_node("ScatterElements", ["data", "idx", "upd"], ["y"], axis=1, reduction="add", name="scatter"),
         [value("data", TensorProto.FLOAT, [1, 4]), value("idx", TensorProto.INT64, [1, 3]),
          value("upd", TensorProto.FLOAT, [1, 3])],
         [value("y", TensorProto.FLOAT, [1, 4])],
     )
-    with pytest.raises(EngineBuildError, match="reduction") as info:
+
+
+def test_scatter_with_reduction_is_a_parser_error(rtx: Flavour, tmp_path: Path) -> None:
+    """The error lists exactly what TensorRT's own parser reports for the model (asked here directly)."""
+    onnx_path = _scatter_add(tmp_path)
+    trt = rtx.module
+    builder = trt.Builder(trtlib.logger(trt, rtx.name))
+    network = builder.create_network(0)  # kept alive while the parser is (TensorRT does not own it)
+    parser = trt.OnnxParser(network, builder.logger)
+    assert not parser.parse_from_file(str(onnx_path)) and parser.num_errors >= 1
+    reported = [(" ".join(e.desc().split()), e.func()) for e in map(parser.get_error, range(parser.num_errors))]
+    with pytest.raises(EngineBuildError, match="could not parse") as info:
         build_engine(EngineSpec(onnx_path, tmp_path / "s.engine"), rtx, log=lambda m: None)
-    assert len(info.value.errors) >= 1
+    errors = info.value.errors
+    assert len(errors) == len(reported) and all(d in e and f"[{f}]" in e for (d, f), e in zip(reported, errors))
+    assert "Unsupported reduction type [importScatterElements]" in str(info.value)
     _assert_nothing_written(tmp_path / "s.engine")
+
+
+class _ParserSays:
+    """A real ONNX parser whose outcome is replaced: `parse_from_file` returns `ok`, and `errors` are its errors."""
+
+    def __init__(self, real: object, ok: bool, errors: list[str]) -> None:
+        self.real, self.ok, self.errors = real, ok, errors
+
+    def parse_from_file(self, path: str) -> bool:
+        self.real.parse_from_file(path)  # the network is really parsed
+        return self.ok
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, i: int) -> SimpleNamespace:
+        return SimpleNamespace(node=lambda: 2, node_name=lambda: "n2", node_operator=lambda: "TopK",
+                               desc=lambda: self.errors[i], func=lambda: "parseNode")
+
+
+@pytest.mark.parametrize(("ok", "errors", "expected"), [
+    (True, ["an error beside a successful parse"], "node 2 n2 (TopK): an error beside a successful parse [parseNode]"),
+    (False, [], "the parser failed without reporting an error"),
+    (True, [], None),  # the parser's own count is what the report records
+])
+def test_the_parser_decides_and_every_error_of_it_stops_the_build(
+    rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path, ok: bool, errors: list[str], expected: str | None
+) -> None:
+    def parser(network: object, logger: object) -> _ParserSays:
+        return _ParserSays(rtx.module.OnnxParser(network, logger), ok, errors)
+
+    module = _Wrapped(rtx.module, OnnxParser=parser)
+    flavour = Flavour("tensorrt-rtx", module, rtx.version)
+    spec = EngineSpec(toy_onnx["fp32"], tmp_path / "toy.engine", PROFILES, compute_capabilities=("8.6",))
+    if expected is None:
+        assert build_engine(spec, flavour, log=lambda m: None)["parser_errors"] == 0
+        return
+    with pytest.raises(EngineBuildError, match="could not parse") as info:
+        build_engine(spec, flavour, log=lambda m: None)
+    assert info.value.errors == [expected]
+    _assert_nothing_written(spec.engine_path)
 
 
 def test_builder_errors_are_reported(rtx: Flavour, tmp_path: Path) -> None:
@@ -306,17 +399,27 @@ def test_standard_tensorrt_path_builds_strongly_typed(rtx: Flavour, toy_onnx: di
     _assert_nothing_written(tmp_path / "m.engine")
 
 
-def test_tensorrt_log_reaches_the_build_log(rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path) -> None:
-    """TensorRT's warnings and errors go to build_engine's `log` (build.log), tagged with the flavour."""
-    from export.engine import _logger
+def test_tensorrt_log_reaches_the_build_log(rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """What TensorRT logs during a build (here: its Builder, given the layer's logger) goes to build_engine's `log`
+    (build.log), tagged with the flavour, warnings and errors only; after the build the logger writes to stderr again."""
+    trt = rtx.module
 
+    def chatty_builder(logger: object) -> object:
+        for severity, message in (("WARNING", "a warning"), ("ERROR", "an error"), ("INFO", "chatter")):
+            logger.log(getattr(trt.ILogger, severity), message)
+        return trt.Builder(logger)
+
+    flavour = Flavour("tensorrt-rtx", _Wrapped(trt, Builder=chatty_builder), rtx.version)
     lines: list[str] = []
-    build_engine(EngineSpec(toy_onnx["fp32"], tmp_path / "toy.engine", PROFILES, compute_capabilities=("8.6",)), rtx,
+    build_engine(EngineSpec(toy_onnx["fp32"], tmp_path / "toy.engine", PROFILES, compute_capabilities=("8.6",)), flavour,
                  log=lines.append)
-    logger, collector = _logger(rtx)
-    logger.log(rtx.module.ILogger.WARNING, "a warning from TensorRT")
-    logger.log(rtx.module.ILogger.INFO, "chatter")
-    assert lines[-1] == "[tensorrt-rtx] a warning from TensorRT" and not any("chatter" in line for line in lines)
+    assert lines[:2] == ["[tensorrt-rtx] a warning", "[tensorrt-rtx] an error"] and not any("chatter" in x for x in lines)
+    logger = trtlib.logger(trt, "tensorrt-rtx")
+    assert logger.errors == ["an error"] and trtlib.last_error(logger, "none") == "an error"
+    capsys.readouterr()
+    logger.log(trt.ILogger.WARNING, "after the build")
+    assert "[tensorrt-rtx] after the build" in capsys.readouterr().err and not any("after" in x for x in lines)
 
 
 def test_rtx_engine_header_and_memory_mapped_loading(rtx: Flavour, toy_onnx: dict[str, Path], tmp_path: Path) -> None:

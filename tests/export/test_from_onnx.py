@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shlex
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from export import from_onnx
 from export.build import main
 from export.engine import CURRENT, EngineBuildError, EngineSpec, Flavour, _apply_compute_capabilities, trtexec_command
 from runtime.device import Driver
-from runtime.manifest import check_files, read
+from runtime.manifest import BuildError, check_files, read
 from tests.conftest import rtx_installed
 from tests.runtime.conftest import tree_digest
 
@@ -35,10 +36,14 @@ def _copy(build: Path, tmp_path: Path) -> Path:
 @requires_rtx
 def test_from_onnx_records_targets_version_and_commands_that_run_from_the_build(build_dir, tmp_path: Path) -> None:
     copy = _copy(build_dir("1.5-v"), tmp_path)
+    stale = read(copy)["memory"]["engine_bytes"]  # the build's engines: for RTX's default targets, not 8.9 alone
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert main(["--from-onnx", str(copy), "--backend", "tensorrt-rtx", "--compute-capability", "8.9"]) == 0
     manifest = read(copy)
     check_files(copy, manifest["engines"])
+    engine_bytes = {graph: entry["bytes"] for graph, entry in manifest["engines"].items()}
+    assert stale != engine_bytes and manifest["memory"]["engine_bytes"] == engine_bytes  # the memory plan's: these engines
+    assert f"(total {sum(engine_bytes.values()) / 2**20:.1f}," in "".join(manifest["memory"]["lines"])
     section = manifest["tensorrt"]
     import tensorrt_rtx_bindings
 
@@ -79,6 +84,28 @@ def test_a_failed_from_onnx_changes_nothing(build_dir, tmp_path: Path, monkeypat
     assert built and built[0].parent != copy, "engines are written in the workspace, not the build"
     assert tree_digest(copy) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"], "the workspace is gone"
+
+
+def test_the_memory_plan_is_the_builds_own_also_without_onnx(build_dir, tmp_path, monkeypatch) -> None:
+    """from_onnx.memory_plan (what a build and --from-onnx write) gives back the build's memory section from the
+    build alone (its copy of config.json), also without onnx (a device's runtime install: the weights the build
+    measured); None without config.json."""
+    from export import memory as export_memory
+
+    copy = _copy(build_dir("1.5-v"), tmp_path)
+    manifest = read(copy)
+    assert json.loads(json.dumps(from_onnx.memory_plan(copy, manifest))) == manifest["memory"]  # as the manifest holds it
+    real = export_memory.importlib.util.find_spec
+    monkeypatch.setattr(export_memory.importlib.util, "find_spec", lambda name: None if name == "onnx" else real(name))
+    monkeypatch.setattr(export_memory, "initializer_bytes", lambda path: pytest.fail("onnx is not installed here"))
+    assert json.loads(json.dumps(from_onnx.memory_plan(copy, manifest))) == manifest["memory"]  # no onnx here
+    monkeypatch.undo()
+    older = {**manifest, "tokenizer": {**manifest["tokenizer"],
+                                       "files": [f for f in manifest["tokenizer"]["files"] if f["file"] != "config.json"]}}
+    assert from_onnx.memory_plan(copy, older) is None
+    (copy / "config.json").write_text("{}")
+    with pytest.raises(BuildError, match="config.json.*sha256"):
+        from_onnx.memory_plan(copy, manifest)
 
 
 def test_rtx_targets_the_gpu_it_runs_on(monkeypatch) -> None:

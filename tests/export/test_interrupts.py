@@ -32,9 +32,18 @@ def start_build(out: Path) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, even in a background job
 
 
+# the stages of start_build's build: load, patch, export vision / embed / decoder.0, verify (no engines)
+STAGES = 6
+
+
 def stop_at(process: subprocess.Popen, stage: str, signum: int) -> tuple[int, str]:
-    """Send `signum` once the build prints the line starting stage `stage`; (exit code, stderr)."""
+    """Send `signum` once the build prints the line starting stage `stage`; (exit code, stderr). Every stage
+    line up to there counts from 1 against the same total, STAGES, known from the first."""
+    seen = []
     for line in process.stdout:
+        if line.startswith("["):
+            seen.append(line.split("]")[0] + "]")
+            assert seen == [f"[{i}/{STAGES}]" for i in range(1, len(seen) + 1)], seen
         if line.startswith(f"[{stage}/"):
             process.send_signal(signum)
             break
@@ -125,7 +134,7 @@ FAILED_PARITY = {"graphs": {"prefill": {"outputs": {"logits": {"passed": False}}
 
 def fake_export(outcome: str):
     """export_and_verify without torch: writes a graph and parity.json; fails verification or returns a body."""
-    def export_and_verify(request, directory: Path, progress) -> dict:
+    def export_and_verify(checked, directory: Path, progress) -> dict:
         (directory / "vision.onnx").write_bytes(b"graph")
         (directory / "parity.json").write_text(json.dumps({**FAILED_PARITY, "attempt": outcome}))
         if outcome != "passed":
@@ -137,7 +146,7 @@ def fake_export(outcome: str):
 def build_with(monkeypatch, out: Path, outcome: str) -> tuple[int, str]:
     monkeypatch.setattr(build_module, "export_and_verify", fake_export(outcome))
     monkeypatch.setattr(build_module, "summary", lambda body, progress, out: f"build: {out}")
-    monkeypatch.setattr(build_module, "memory_plan", lambda directory, body, request: None)  # reads a real model's config
+    monkeypatch.setattr(build_module, "memory_plan", lambda directory, body: None)  # reads a real model's config
     return run_main(main, ["--ratio", "0.5", "--backend", "none", "--out", str(out)])
 
 

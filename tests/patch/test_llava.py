@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ficoco import FiCoCoConfig, apply, remove
-from ficoco.patch import clip, llama
+from ficoco.patch.observe import LanguageEvent, observing
 from tests.conftest import make_inputs
 from tests.reference import ref_language_step, ref_vision_step
 
@@ -94,59 +94,48 @@ def test_token_accounting_follows_the_schedule(tiny, patched, photo, name, varia
 # --------------------------------------------------------------------------- against the reference
 
 
-def record(monkeypatch, module, name):
-    """Wrap module.name to record (args, result) of every call."""
-    calls, original = [], getattr(module, name)
-
-    def wrapper(*args):
-        result = original(*args)
-        calls.append((args, result))
-        return result
-
-    monkeypatch.setattr(module, name, wrapper)
-    return calls
-
-
-def check_vision_call(args, result):
-    x, attn, positions, r, params = args
+def check_vision_event(event):
+    x, attn, positions, params = event.x, event.attn, event.positions, event.params
     for b in range(x.shape[0]):
-        ref = ref_vision_step(x[b], attn[b], positions[b], r, grid=params.grid, lam=params.lam, eps=params.eps,
+        ref = ref_vision_step(x[b], attn[b], positions[b], event.r, grid=params.grid, lam=params.lam, eps=params.eps,
                               window=params.window, scale=params.scale, penalty=params.penalty)
-        assert result[1][b].tolist() == ref["positions"].tolist()
-        torch.testing.assert_close(result[0][b], ref["x"], atol=1e-5, rtol=0)
-        assert torch.equal(result[0][b, 0], x[b, 0])  # CLS is never reduced
-        assert bool((result[1][b].diff() > 0).all())  # raster order
+        assert event.kept[b].tolist() == ref["positions"].tolist()
+        torch.testing.assert_close(event.out[b], ref["x"], atol=1e-5, rtol=0)
+        assert torch.equal(event.out[b, 0], x[b, 0])  # CLS is never reduced
+        assert bool((event.kept[b].diff() > 0).all())  # raster order
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_vision_steps_match_reference_inside_the_model(tiny, patched, photo, monkeypatch, name):
+def test_vision_steps_match_reference_inside_the_model(tiny, patched, photo, name):
     _, processor = tiny[name]
     model, _ = patched(name, FiCoCoConfig("v", ratio=0.25))
-    calls = record(monkeypatch, clip, "vision_step")
-    run(model.double(), make_inputs(processor, photo))
+    with observing() as events:
+        run(model.double(), make_inputs(processor, photo))
     model.float()
-    assert [args[3] for args, _ in calls] == [step.r for step in model.ficoco_plan.vision]
-    for args, result in calls:
-        check_vision_call(args, result)
+    assert [(e.layer, e.r) for e in events] == [(step.layer, step.r) for step in model.ficoco_plan.vision]
+    for event in events:
+        check_vision_event(event)
 
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("instruction", ["Hi.", "Describe the image in detail: " + "what is the color of each object? " * 8])
-def test_language_step_matches_reference_inside_the_model(tiny, patched, photo, monkeypatch, name, instruction):
+def test_language_step_matches_reference_inside_the_model(tiny, patched, photo, name, instruction):
     _, processor = tiny[name]
     model, _ = patched(name, FiCoCoConfig("vl", ratio=0.25))
-    calls = record(monkeypatch, llama, "language_step")
     inputs = make_inputs(processor, photo, instruction)
-    run(model.double(), inputs)
+    with observing() as events:
+        run(model.double(), inputs)
     model.float()
-    (x, attn, start, length, r, params), (out, kept) = calls[0]
-    assert start == int((inputs["input_ids"][0] == model.config.image_token_id).int().argmax())  # span from <image>
-    ref = ref_language_step(x[0], attn[0], start, length, r, beta=params.beta, gamma=params.gamma, eps=params.eps)
-    assert kept[0].tolist() == list(ref["kept_rows"])
-    torch.testing.assert_close(out[0], ref["x"], atol=1e-5, rtol=0)
+    event = next(e for e in events if isinstance(e, LanguageEvent))
+    assert event.start == int((inputs["input_ids"][0] == model.config.image_token_id).int().argmax())  # span from <image>
+    params = event.params
+    ref = ref_language_step(event.x[0], event.attn[0], event.start, event.length, event.r,
+                            beta=params.beta, gamma=params.gamma, eps=params.eps)
+    assert event.rows[0].tolist() == list(ref["kept_rows"])
+    torch.testing.assert_close(event.out[0], ref["x"], atol=1e-5, rtol=0)
 
 
-def test_attention_maps_are_hugging_face_eager_attention(preset_dirs, photo, monkeypatch):
+def test_attention_maps_are_hugging_face_eager_attention(preset_dirs, photo):
     """The maps FiCoCo scores are HF's own eager attention probabilities, averaged over heads."""
     from ficoco.presets import load
 
@@ -156,14 +145,16 @@ def test_attention_maps_are_hugging_face_eager_attention(preset_dirs, photo, mon
     with torch.no_grad():
         hf = model(**inputs, output_attentions=True)
         hf_vision = model.model.vision_tower(inputs["pixel_values"].double(), output_attentions=True).attentions
-    v_calls = record(monkeypatch, clip, "vision_step")
-    l_calls = record(monkeypatch, llama, "language_step")
     apply(model, FiCoCoConfig("v", ratio=0.5))
-    run(model, inputs)
-    torch.testing.assert_close(v_calls[0][0][1], hf_vision[12].mean(1), atol=1e-10, rtol=0)
+    with observing() as vision:
+        run(model, inputs)
+    assert vision[0].layer == 12
+    torch.testing.assert_close(vision[0].attn, hf_vision[12].mean(1), atol=1e-10, rtol=0)
     apply(model, FiCoCoConfig("l", ratio=0.5))
-    run(model, inputs)
-    torch.testing.assert_close(l_calls[0][0][1], hf.attentions[4].mean(1), atol=1e-10, rtol=0)
+    with observing() as language:
+        run(model, inputs)
+    assert language[0].layer == 4
+    torch.testing.assert_close(language[0].attn, hf.attentions[4].mean(1), atol=1e-10, rtol=0)
 
 
 # --------------------------------------------------------------------------- generation

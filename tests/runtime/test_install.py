@@ -59,6 +59,12 @@ def test_runtime_extra_installs_without_the_toolchain_and_generates(build_dir, p
     assert json.loads(found) == [], f"the runtime install pulled in {found}"
     assert str(tmp_path / "venv") in location, location  # the installed package, not this checkout
 
+    plan = _run([python, "-c", "import json, sys; from runtime.manifest import Build; from ficoco.plan import BuildPlan; "
+                 f"build = Build.from_directory({str(build)!r}); "
+                 "schedule = json.loads((build.directory / 'manifest.json').read_text())['schedule']; "
+                 "print(build.plan == BuildPlan.from_dict(schedule), build.plan.visual_tokens, 'torch' in sys.modules)"], cwd=tmp_path)
+    assert plan.returncode == 0 and plan.stdout.split() == ["True", "288", "False"], plan.stdout + plan.stderr  # no torch needed
+
     answer = _run([python, "-m", "runtime.generate", "--engine-dir", build, "--image", image, "--prompt", "Describe the image.",
                    "--max-new-tokens", "8", "--backend", "auto", "--json"], cwd=tmp_path)
     assert answer.returncode == 0, answer.stderr

@@ -24,6 +24,7 @@ import onnx
 import pytest
 
 from export.from_onnx import ENGINELESS, dim_ranges, engine_profiles
+from ficoco.plan import BuildPlan
 from runtime import backend as backend_module
 from runtime import backend_trt, bench, cuda as cuda_module, device, errors, names
 from runtime.backend import BackendError, BackendNotInstalledError, EngineMismatchError
@@ -65,7 +66,7 @@ def with_engines(build: Path, tmp_path: Path, flavour: str = "tensorrt", cc: str
     for graph, entry in manifest["graphs"].items():
         if graph in ENGINELESS:
             continue
-        ranges = dim_ranges(manifest, graph)
+        ranges = dim_ranges(BuildPlan.from_dict(manifest["schedule"]), graph)
         if tokens_max is not None and graph.startswith("decoder."):
             ranges["tokens"] = (1, min(ranges["tokens"][1], tokens_max), tokens_max)
         profiles = engine_profiles(entry, ranges)
@@ -151,15 +152,15 @@ def test_cache_rows_are_written_in_place(fake, build_dir, tmp_path: Path) -> Non
             Pipeline.from_build(with_engines(build, tmp_path), backend="tensorrt") as pipe:
         backend, ort, b = pipe.backend, reference.backend, pipe.build
         pixels = np.random.default_rng(0).normal(size=(1, 3, 336, 336)).astype(np.float32)
-        before, after, prompt = np.array([[1, 5]]), np.array([[7, 8, 9]]), 2 + b.visual_tokens + 3
+        before, after, prompt = np.array([[1, 5]]), np.array([[7, 8, 9]]), 2 + b.plan.visual_tokens + 3
         outputs = [ort.prefill(before, ort.vision(pixels), after), backend.prefill(before, backend.vision(pixels), after)]
         for step in range(2):
             token = int(outputs[0][0].argmax())
             np.testing.assert_allclose(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
             outputs = [ort.decode(token, prompt + step, outputs[0][1]), backend.decode(token, prompt + step, outputs[1][1])]
         (_, expected), (_, cache) = outputs
-        assert cache is backend.cache and cache.capacities == b.capacities() == (2048,) * 5 + (1760,) * 3
-        assert backend.cache_lengths(cache) == ort.cache_lengths(expected) == tuple(n + 2 for n in b.cache_lengths(prompt))
+        assert cache is backend.cache and cache.capacities == b.plan.capacities == (2048,) * 5 + (1760,) * 3
+        assert backend.cache_lengths(cache) == ort.cache_lengths(expected) == tuple(n + 2 for n in b.plan.cache_lengths(prompt))
         for i in range(b.layers):
             for pointer, rows in ((cache.keys[i], expected.keys[i]), (cache.values[i], expected.values[i])):
                 buffer = _download(backend, pointer, rows.shape)
@@ -195,11 +196,12 @@ def test_engines_with_fp16_bf16_and_int32_tensors(floats: str, ints: str, cosine
         features, kept = pipe.backend.vision_outputs()
         logits, cache = pipe.backend.prefill(ids.before, features_pointer, ids.after)
         assert logits.dtype == np.float32 and _cosine(logits, expected) >= cosine, _cosine(logits, expected)
-        n = reference.build.visual_tokens
+        plan = reference.build.plan
+        n = plan.visual_tokens
         assert features.dtype == np.float32 and features.shape == (n, 128) and kept.shape == (1, n)
-        assert pipe.backend.cache_lengths(cache) == reference.build.cache_lengths(ids.length(n))
+        assert pipe.backend.cache_lengths(cache) == plan.cache_lengths(ids.length(plan))
         result = pipe(photo_files["astronaut"], "Describe the image.", max_new_tokens=6)
-        assert result.cache_lengths == reference.build.cache_lengths(ids.length(n)) and 1 <= len(result.token_ids) <= 6
+        assert result.cache_lengths == plan.cache_lengths(ids.length(plan)) and 1 <= len(result.token_ids) <= 6
 
 
 # --- choosing TensorRT, and checking engines against the device -------------------------------------------
@@ -356,11 +358,11 @@ def _cache_not_zeroed(self):
         del self.cuda.memset
 
 
-def _rows_one_off(self, graph, layers, q):
+def _rows_one_off(self, graph, layers, q, first):
     copy2d, row = self.cuda.copy2d, self.row
     self.cuda.copy2d = lambda dst, *rest: copy2d(dst + row, *rest)  # broken: the new rows land one row further on
     try:
-        _WRITE_ROWS(self, graph, layers, q)
+        _WRITE_ROWS(self, graph, layers, q, first)
     finally:
         del self.cuda.copy2d
 
@@ -376,7 +378,7 @@ def _generate(pipe, reference, photo_files) -> None:
 
 
 def _empty_decode(pipe, reference, photo_files) -> None:
-    lengths = pipe.build.cache_lengths(400)
+    lengths = pipe.build.plan.cache_lengths(400)
     expected, _ = reference.backend.decode(5, 400, reference.backend.empty_cache(lengths))
     logits, _ = pipe.backend.decode(5, 400, pipe.backend.empty_cache(lengths))
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
@@ -388,7 +390,7 @@ def _same_logits(pipe, reference, photo_files) -> None:
     ours, theirs = pipe.backend, reference.backend
     logits = [theirs.prefill(ids.before, theirs.vision(pixels.pixel_values), ids.after),
               ours.prefill(ids.before, ours.vision(pixels.pixel_values), ids.after)]
-    for position in range(ids.length(pipe.build.visual_tokens), ids.length(pipe.build.visual_tokens) + 4):
+    for position in range(ids.length(pipe.build.plan), ids.length(pipe.build.plan) + 4):
         np.testing.assert_allclose(logits[1][0], logits[0][0], rtol=1e-4, atol=1e-4, err_msg=f"before position {position}")
         token = int(logits[0][0].argmax())
         logits = [theirs.decode(token, position, logits[0][1]), ours.decode(token, position, logits[1][1])]
@@ -404,7 +406,7 @@ BROKEN = {
                   (BackendError, r"refused the address 0x[0-9a-f]+ of pixel_values")),
     "dtype": ("_host", _host_ignoring_engine_dtype, {"ints": "INT32"}, _generate, None,
               (AssertionError, r"position_ids: device bytes hold int64 but the tensor is int32")),
-    "async": ("_logits", _logits_read_before_sync, {}, _generate, None,
+    "async": ("logits", _logits_read_before_sync, {}, _generate, None,
               (AssertionError, r"the answer differs from ONNX Runtime's")),
     "output shape": ("_output", _shapes_for_outputs_too, {}, _generate, None,
                      (BackendError, r"TensorRT refused the shape of present.0.key")),

@@ -11,6 +11,7 @@ pytest.importorskip("matplotlib", reason="scripts/bench.py draws bench.png with 
 
 from ficoco import flops as F
 from ficoco.config import FiCoCoConfig, ModelGeometry, build_schedule
+from runtime.manifest import Build
 from scripts import bench
 
 MODE = bench.MODES["quick"]
@@ -101,9 +102,9 @@ def test_decode_and_ficoco_ops_figures(quick_run, small_build):
     rows = decode["rows"]
     assert [row["cache_length"] for row in rows] == [n for n in MODE.lengths if n < 2048]  # the build holds < max_seq_len
     assert all(positive(row["runtime_ms"]) and positive(row["hf_ms"]) for row in rows)
-    manifest = json.loads((small_build / "manifest.json").read_text())
-    text, max_seq_len = manifest["source"]["text"], manifest["max_seq_len"]
-    row_bytes = 2 * text["layers"] * text["kv_heads"] * text["head_dim"] * 4  # K and V, fp32, every layer (no FiCoCo-L)
+    plan = Build.from_directory(small_build).plan
+    text, max_seq_len = plan.text, plan.max_seq_len
+    row_bytes = 2 * text.layers * text.kv_heads * text.head_dim * 4  # K and V, fp32, every layer (no FiCoCo-L)
     assert decode["max_seq_len"] == max_seq_len and decode["cache_bytes"] == row_bytes * max_seq_len  # one copy, at capacity
     assert decode["cache_bytes_before_at_max"] == 2 * decode["cache_bytes"]  # before: past and present
     assert [row["cache_bytes_before"] for row in rows] == [2 * row_bytes * row["cache_length"] for row in rows]
@@ -151,29 +152,29 @@ def test_sections_merge_into_an_existing_run(quick_run, small_build, small_sourc
     assert bench.main(smoke) == 2  # a quick-mode bench.json takes quick-mode sections only
 
 
-def test_prefill_chain_runs_as_the_torch_reference(tmp_path):
-    """bench_models.PrefillChain (decoder.0, reduce.1, decoder.1 as the runtime chains them) gives the logits and
-    the cache rows of the patched model's own prefill (export.graphs.PrefillReference)."""
+def test_prefill_step_runs_as_the_torch_reference(tmp_path):
+    """bench_models.prefill_step (the runtime's OrtBackend through runtime.chain: decoder.0, reduce.1, decoder.1)
+    gives the logits and the cache rows of the patched model's own prefill (export.graphs.PrefillReference)."""
     import numpy as np
     import torch
 
     from scripts import bench_models as M
 
     model = M.random_llava(M.TINY_CLIP, M.SMOKE_TEXT)
-    info = M.export_prefill(model, "l", 0.25, tmp_path, 5, 55)
-    assert info["graphs"] == ["decoder.0", "reduce.1", "decoder.1"] and info["language"][0][:2] == [4, 576]
-    table = model.get_input_embeddings().weight.detach()
-    before, features, after = M.prefill_inputs(model, info["visual_tokens"], 5, 55)
-    inputs = {"rows_before": table[before[0]].numpy(), "features": features.numpy(), "rows_after": table[after[0]].numpy(),
-              "before": before.numpy()}
-    chain = M.PrefillChain(tmp_path, info, inputs, threads=1)
-    logits = chain()
+    build = M.export_prefill(model, "l", 0.25, tmp_path, 5, 55)
+    assert build.graph_names == ["vision", "embed", "decoder.0", "reduce.1", "decoder.1"]
+    assert (build.plan.language[0].layer, build.plan.language[0].tokens_in) == (4, 576)
+    before, features, after = M.prefill_inputs(model, build.plan.visual_tokens, 5, 55)
+    prefill = M.prefill_step(build, {"before": before.numpy(), "features": features.numpy(), "after": after.numpy()}, 1)
+    logits = prefill()
     with torch.no_grad():
         reference = M.graph_set(model, "l", 0.25).prefill(before, features, after)
-    assert np.abs(logits - reference[0].numpy()).max() < 1e-4
-    for layer in range(info["layers"]):
+    assert np.abs(logits - reference[0].numpy()[0]).max() < 1e-4
+    cache = prefill.backend.cache
+    for layer in range(build.layers):
         key = reference[1 + 2 * layer].numpy()
-        assert np.abs(chain.keys[layer][:, :, :key.shape[2]] - key).max() < 1e-4, layer
+        assert cache.lengths[layer] == key.shape[2]
+        assert np.abs(cache.keys[layer][:, :, :key.shape[2]] - key).max() < 1e-4, layer
 
 
 def test_baseline_build_needs_build(capsys):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from ficoco import FiCoCoConfig, build_schedule
 from ficoco.config import ModelGeometry
-from ficoco.core import vision_step
-from ficoco.patch import clip
+from ficoco.patch import clip, observe
 from scripts import visualize
 
 TINY = ModelGeometry((24, 24), 24, 22, 8)
@@ -34,7 +34,7 @@ def test_cli_writes_one_panel_per_step_with_the_scheduled_counts(preset_dirs, tm
     with Image.open(out) as image:
         rows = -(-len(panels) // 4)
         assert image.size == (4 * 336, visualize.TITLE_H + rows * (336 + visualize.TITLE_H) + visualize.LEGEND_H)
-    assert clip.vision_step is vision_step  # the recording wrapper was removed
+    assert not observe.active()  # the script's observer is gone
 
 
 def test_trace_records_kept_discarded_and_merge_targets(tiny, photo):
@@ -48,6 +48,11 @@ def test_trace_records_kept_discarded_and_merge_targets(tiny, photo):
         alive -= set(step.discarded)
         assert alive == set(step.kept) and list(step.kept) == sorted(step.kept)
     assert len(alive) == 288  # sqrt(0.25) * 576
+    pixels, _ = visualize.preprocess(processor, photo)  # the same encoder run, unobserved: its own kept positions
+    with torch.no_grad():
+        _, positions = clip.encode(model.model.vision_tower, pixels, plan.vision, plan.geometry.feature_layer,
+                                   plan.vision_params)
+    assert positions[0].tolist() == list(steps[-1].kept)
 
 
 def test_variant_without_vision_steps_is_refused(tiny, photo):
