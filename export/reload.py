@@ -59,8 +59,8 @@ def reload_for_verify(build, model: str | Path | None = None):
         model=str(source_dir(manifest, model)), variant=manifest["variant"],
         ratio=manifest["ficoco"]["ratio"] if manifest["variant"] != "none" else None,
         tokens=manifest["ficoco"]["tokens"], precision=manifest["precision"], max_seq_len=plan.max_seq_len,
-        grid=plan.grid or (2, 2),
+        **({"grid": plan.grid, "grid_given": True} if plan.grid else {}),
     )
     loaded, processor, _ = pipeline.load_model(request)
-    plan, layout = pipeline.patch(loaded, processor, request)
-    return loaded, processor, graph_set(loaded, plan, layout)
+    patch_plan, plan = pipeline.patch(loaded, processor, request, plan)  # the build's own plan
+    return loaded, processor, graph_set(loaded, patch_plan, plan)

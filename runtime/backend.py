@@ -102,7 +102,7 @@ def tensorrt_problem(build: Build, found: device.Driver | None = None) -> Except
         return error
     if (problem := device.trt_version_problem(flavour, installed)) is not None:
         return BackendNotInstalledError(problem)
-    section = build.manifest.get("tensorrt") or {}
+    section = build.tensorrt
     if (problem := device.engine_problem(section, installed, found.compute_capability)) is not None:
         return EngineMismatchError(f"{problem}; rebuild them here: {rebuild_hint(build.directory, flavour)}")
     return None

@@ -77,7 +77,7 @@ class OrtBackend:
         available = ort.get_available_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
         providers = (["CUDAExecutionProvider"] if self.device == "cuda" else []) + ["CPUExecutionProvider"]
-        weights = weights or (build.manifest.get("quantization") or {}).get("weights")
+        weights = weights or build.weights
         options = session_options(ort, threads, weights)
         self.sessions = {graph: self._session(graph, options, providers) for graph in build.graph_names if graph != names.EMBED}
         self.name = f"onnxruntime {ort.__version__} ({providers[0]})"

@@ -158,14 +158,14 @@ class _Engine:
     """One deserialized engine, its execution context, profiles and the host dtype of each I/O tensor."""
 
     def __init__(self, trt: Any, runtime: Any, logger: Any, build: Build, graph: str, flavour: str):
-        self.engine, self.runtime_cache, config = _load(trt, runtime, logger, build, graph, flavour), None, None
-        if flavour == "tensorrt-rtx":
-            config = self.engine.create_runtime_config()
+        self.engine, self.runtime_cache, self.config = _load(trt, runtime, logger, build, graph, flavour), None, None
+        if flavour == "tensorrt-rtx":  # the IRuntimeConfig is kept for the context's life: the binding does not keep it
+            self.config = self.engine.create_runtime_config()
             sha = build.engines[graph]["sha256"]
-            self.runtime_cache = _RuntimeCache(config, runtime_cache_dir() / f"{graph}-{sha[:16]}.cache")
+            self.runtime_cache = _RuntimeCache(self.config, runtime_cache_dir() / f"{graph}-{sha[:16]}.cache")
             strategy = getattr(trt.DynamicShapesKernelSpecializationStrategy, SPECIALIZATION)
-            config.dynamic_shapes_kernel_specialization_strategy = strategy
-        self.context = _context(self.engine, config, logger, graph)
+            self.config.dynamic_shapes_kernel_specialization_strategy = strategy
+        self.context = _context(self.engine, self.config, logger, graph)
         tensors = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.dtypes = {n: _host_dtype(self.engine.get_tensor_dtype(n)) for n in tensors}
         self.inputs = {n for n in tensors if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
@@ -182,10 +182,11 @@ class _Engine:
         return [int(d) for d in low], [int(d) for d in high]
 
     def release(self) -> None:
-        """Save the runtime cache, then drop the context before the engine (TensorRT's order)."""
+        """Save the runtime cache, then drop the context before its runtime config and the engine (TensorRT's order)."""
         if self.runtime_cache is not None:
             self.runtime_cache.save()
         self.context = None
+        self.config = None
         self.engine = None
 
 

@@ -325,10 +325,29 @@ class Build:
         return self.manifest.get("engines") or {}
 
     @property
+    def tensorrt(self) -> dict:
+        """The manifest's TensorRT section: flavour, version, compute capabilities ({} when the build has none)."""
+        return self.manifest.get("tensorrt") or {}
+
+    @property
     def tensorrt_flavour(self) -> str | None:
         """"tensorrt" or "tensorrt-rtx": the flavour the engines were built with (None without engines)."""
-        section = self.manifest.get("tensorrt") or {}
-        return section.get("flavour") if self.engines else None
+        return self.tensorrt.get("flavour") if self.engines else None
+
+    @property
+    def weights(self) -> str | None:
+        """"int8" / "int4" for a build with weight-only quantized linears, else None (float weights)."""
+        return (self.manifest.get("quantization") or {}).get("weights")
+
+    @property
+    def parity(self) -> dict | None:
+        """The verification record (None for a --no-verify build)."""
+        return self.manifest.get("parity")
+
+    @property
+    def image_token(self) -> str:
+        """The tokenizer's image placeholder token."""
+        return (self.manifest.get("tokenizer") or {}).get("image_token") or "<image>"
 
     def path(self, kind: str, graph: str) -> Path:
         """The file of graph `graph` in `kind` ("graphs": ONNX, "engines": TensorRT), a plain name inside the build."""

@@ -107,7 +107,7 @@ class _Clock:
 
 def warn_if_unverified(build: Build) -> None:
     """One line on stderr for a build published with --allow-parity-failure or --no-verify."""
-    parity = build.manifest.get("parity")
+    parity = build.parity
     if parity is None:
         print(f"warning: build {build.directory} was not verified against PyTorch (--no-verify)", file=sys.stderr)
     elif not parity.get("passed", False):
@@ -131,8 +131,7 @@ class Pipeline:
         if verify_files:
             build.check("tokenizer")
         build.check_eos()
-        image_token = (build.manifest.get("tokenizer") or {}).get("image_token") or "<image>"
-        tokenizer = ChatTokenizer.from_directory(build.directory, image_token)
+        tokenizer = ChatTokenizer.from_directory(build.directory, build.image_token)
         return cls(build, open_backend(backend, build, verify_files), tokenizer, build.preprocess)
 
     def prepare(self, image: ImageInput, prompt: str, max_new_tokens: int) -> tuple[Pixels, PromptIds]:

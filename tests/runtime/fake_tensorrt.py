@@ -40,6 +40,7 @@ import enum
 import hashlib
 import json
 import re
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -238,7 +239,14 @@ class FakeRuntimeConfig:
 
 class FakeContext:
     def __init__(self, engine: FakeEngine, config: FakeRuntimeConfig | None):
-        self.engine, self.config, self.shapes, self.addresses = engine, config, {}, {}
+        # As the bindings do, the context keeps its engine alive but not its IRuntimeConfig (a weak reference
+        # here): the caller must keep the config for the context's life, or the next run fails.
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+        self._config = weakref.ref(config) if config is not None else None
+
+    @property
+    def config(self) -> FakeRuntimeConfig | None:
+        return self._config() if self._config is not None else None
 
     def set_input_shape(self, name: str, shape: Any) -> bool:
         engine = self.engine
@@ -281,6 +289,9 @@ class FakeContext:
         unset = [n for n in engine.input_names if n not in self.shapes and -1 in engine.get_tensor_shape(n)]
         if missing or unset or stream != cuda.stream or cuda.closed:
             engine.log(f"execute_async_v3: no address for {missing}, no shape for {unset}, or a bad stream {stream}")
+            return False
+        if self._config is not None and self._config() is None:
+            engine.log("execute_async_v3: the IRuntimeConfig of this context was freed while the context is alive")
             return False
         shapes, addresses = dict(self.shapes), dict(self.addresses)  # what TensorRT captures at enqueue
         outputs = {n: self.get_tensor_shape(n) for n in engine.output_names}
