@@ -88,8 +88,8 @@ def library_versions() -> dict:
 
 def export_and_verify(checked: ModelCheck, tmp: Path, progress: Progress) -> dict:
     """Load, patch, export the graphs of the checked plan and verify them; returns the manifest body (without engines)."""
-    from . import pipeline, verify
-    from .graphs import graph_set
+    from .trace import pipeline, verify
+    from .trace.graphs import graph_set
 
     request = checked.request
     with progress.stage(f"load {request.model}"):
@@ -125,8 +125,8 @@ def quantize_and_measure(request: BuildRequest, tmp: Path, graphs, body: dict, m
     """--weights int8/int4, after the float graphs passed their gates: quantize them in place, find the
     embedding table again, and measure the quantized chain against the fp32 PyTorch model (updates the
     manifest body's graphs, embedding and quantization)."""
-    from . import pipeline, quality
-    from .graphs import graph_set
+    from .trace import pipeline, quality
+    from .trace.graphs import graph_set
     from .quantize import quantize_build
 
     with progress.stage(f"quantize {request.weights} ({request.quant_method}, block {request.block_size})"):
@@ -173,7 +173,7 @@ def stage_count(checked: ModelCheck, engines: bool) -> int:
 
 def describe_build(request: BuildRequest, model, processor, plan, budget: float | None = None) -> dict:
     """The manifest's description of the model, the FiCoCo setting and the schedule."""
-    from .verify import eos_ids
+    from .trace.verify import eos_ids
 
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,6 +1,6 @@
 """Parity gates: when an exported graph counts as the PyTorch model it came from.
 
-Pure numpy; `export.verify` runs the graphs and feeds their outputs here.
+Pure numpy; `export.trace.verify` runs the graphs and feeds their outputs here.
 
 Why relative limits
 -------------------

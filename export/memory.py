@@ -1,9 +1,9 @@
-"""The memory plan of a finished build (`ficoco.memory`, with what the build measured put in).
+"""The memory plan of a finished build (`ficoco.analysis.memory`, with what the build measured put in).
 
 Weights per graph are the initializer bytes of the build's ONNX files (external data included),
 engines per graph their file bytes, the KV cache the runtime's buffers at max_seq_len (the layers
 after a FiCoCo-L step shorter), and the activations TensorRT's reported device memory per engine
-when the engines could be loaded here (a GPU), else `ficoco.memory.activation_estimate`.
+when the engines could be loaded here (a GPU), else `ficoco.analysis.memory.activation_estimate`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from ficoco import memory
+from ficoco.analysis import memory
 from ficoco.plan import BuildPlan
 
 

@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 WEIGHTS = ("int4", "int8")
 METHODS = ("rtn", "hqq")
 FORMS = ("matmulnbits", "qdq")
-EXTERNAL_DATA_BYTES = 1_800_000_000  # as export.pipeline: past this, ONNX external data (protobuf limit 2 GB)
+EXTERNAL_DATA_BYTES = 1_800_000_000  # as export.trace.pipeline: past this, ONNX external data (protobuf limit 2 GB)
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4}
 

@@ -1,4 +1,4 @@
-"""What identifies a build's source model, and reloading it for `python -m export.verify`.
+"""What identifies a build's source model, and reloading it for `python -m export.trace.verify`.
 
 The manifest records the model's name (a preset name, or the checkpoint
 directory's base name) and a fingerprint of its files, never the exporting
@@ -26,7 +26,7 @@ def fingerprint(directory: Path) -> str:
 
 def source_entry(model_arg: str, directory: Path) -> dict:
     """The manifest's identification of the model: no absolute path."""
-    from ficoco.presets import preset_names
+    from ficoco.models.presets import preset_names
 
     preset = model_arg in preset_names()  # the tiny presets and the real-weights ones
     return {"model": model_arg if preset else Path(model_arg).name, "preset": preset, "fingerprint": fingerprint(directory)}
@@ -35,7 +35,7 @@ def source_entry(model_arg: str, directory: Path) -> dict:
 def source_dir(manifest: dict, model: str | Path | None = None) -> Path:
     """The checkpoint directory a build was made from: `model` (a directory or preset name), else the
     manifest's preset; its fingerprint must match the manifest's."""
-    from ficoco.presets import resolve_model_dir
+    from ficoco.models.presets import resolve_model_dir
 
     source = manifest["source"]
     if model is None:
@@ -51,8 +51,8 @@ def source_dir(manifest: dict, model: str | Path | None = None) -> Path:
 def reload_for_verify(build, model: str | Path | None = None):
     """(model, processor, graphs) of an existing build (`runtime.manifest.Build`); `model` is the checkpoint
     directory unless a preset."""
-    from . import pipeline
-    from .graphs import graph_set
+    from .trace import pipeline
+    from .trace.graphs import graph_set
 
     manifest, plan = build.manifest, build.plan
     request = BuildRequest(

@@ -156,8 +156,8 @@ def check_model(request: BuildRequest) -> ModelCheck:
 
     from ficoco import plan as build_plan
     from ficoco.geometry import anyres_grids, config_geometry, text_geometry
-    from ficoco.memory import tied_embeddings
-    from ficoco.presets import ModelSourceError, resolve_model_dir
+    from ficoco.analysis.memory import tied_embeddings
+    from ficoco.models.presets import ModelSourceError, resolve_model_dir
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         source = resolve_model_dir(request.model)  # a preset's first use builds it: its progress bars are noise
@@ -176,7 +176,7 @@ def check_model(request: BuildRequest) -> ModelCheck:
     grid = request.grid if next_model or request.grid_given else None  # LLaVA-1.5 with --grid: refused by the plan
     resolved = resolve_budget(request, settings, grid)
     plan = build_plan(settings, resolved.ficoco_config(), grid, max_seq_len=request.max_seq_len)  # ValueError naming values
-    from .pipeline import prompt_lengths  # the prompts need the processor (torch side)
+    from .trace.pipeline import prompt_lengths  # the prompts need the processor (torch side)
 
     prompts, new_tokens = prompt_lengths(source, config.image_token_id, request.verify)
     check_sequence(request.max_seq_len, plan, prompts, new_tokens, positions)
@@ -184,10 +184,10 @@ def check_model(request: BuildRequest) -> ModelCheck:
 
 
 def resolve_budget(request: BuildRequest, settings: dict, grid: tuple[int, int] | None) -> BuildRequest:
-    """--tflops B -> the most visual tokens per crop whose prefill fits B (ficoco.flops convention)."""
+    """--tflops B -> the most visual tokens per crop whose prefill fits B (ficoco.analysis.flops convention)."""
     if request.tflops is None:
         return request
-    from ficoco.flops import tokens_for_budget
+    from ficoco.analysis.flops import tokens_for_budget
 
     tokens = tokens_for_budget(settings, request.tflops, request.variant, grid=grid)
     print(f"--tflops {request.tflops:g}: {tokens} visual tokens per crop", flush=True)

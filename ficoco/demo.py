@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from . import FiCoCoConfig, apply
-        from .presets import load
+        from .models.presets import load
 
         config = FiCoCoConfig(args.variant, ratio=args.ratio, tokens=args.tokens)
         image = load_image(args.image)

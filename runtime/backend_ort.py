@@ -42,7 +42,7 @@ _BF16_ONNX_TYPE = 16  # onnx.TensorProto.BFLOAT16
 # Weight-only quantized builds (QDQ int8/int4) are fused into MatMulNBits by ONNX Runtime at load. Its
 # accuracy level picks the compute: 1 keeps the activations fp32; 4 quantizes them to int8 on the fly.
 # int4 runs as fast at 1 as at 4 on CPU, so it keeps float activations; int8's level-1 kernels are the
-# slow unpacked path (7.6 vs 36.3 tokens/s on smol-llava-1.5), so int8 runs at 4. export.quality
+# slow unpacked path (7.6 vs 36.3 tokens/s on smol-llava-1.5), so int8 runs at 4. export.trace.quality
 # measures each build with the same setting.
 ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 ACCURACY_LEVEL = {"int8": "4", "int4": "1"}

@@ -47,7 +47,7 @@ class Embedding:
 
     @classmethod
     def from_entry(cls, directory, entry: dict) -> Embedding:
-        """From a manifest `embedding` entry of the build in `directory` (export.verify, before the manifest exists)."""
+        """From a manifest `embedding` entry of the build in `directory` (export.trace.verify, before the manifest exists)."""
         self = cls.__new__(cls)
         self.__init_from(directory, entry)
         return self

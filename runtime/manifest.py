@@ -19,7 +19,7 @@ No torch, no transformers: this module runs on the device. Schema (version 2):
                                    `runtime.names.graph_names`, in running order
     embedding                     {graph, file, offset, shape, dtype, transposed}: the text embedding table
                                    in that graph's external data (the runtime looks rows up there)
-    memory                        the memory plan (ficoco.memory): bytes of weights, KV cache, engines
+    memory                        the memory plan (ficoco.analysis.memory): bytes of weights, KV cache, engines
     engines                       same keys, engine files (empty when no TensorRT build)
     tensorrt                      {flavour, version, compute_capabilities, trtexec: {graph: command}} or null
     preprocess                    the Hugging Face image-processor settings (dict), with "backend": "pil" |

@@ -10,7 +10,7 @@ The rendered text is encoded once, whole, with the tokenizer's post-processor (t
 LLaVA's `TemplateProcessing` adds `<s>`), exactly what `processor(text=...)` does, except that the
 processor first repeats `<image>` once per visual token. `<image>` is a special added token, so
 the text around it is tokenized the same either way; the ids are then split around the single
-image token into `before` [1, Tb] and `after` [1, Ta] (export/verify.py's `split_prompt`).
+image token into `before` [1, Tb] and `after` [1, Ta] (export/trace/verify.py's `split_prompt`).
 """
 
 from __future__ import annotations

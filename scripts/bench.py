@@ -8,13 +8,13 @@
 Every figure comes from this one run: the median of --repeats timings after --warmup untimed runs,
 set against the unreduced build of the same model (random weights; `scripts/bench_models.py`).
 
-1. vision: vision.onnx (export.graphs) of a CLIP ViT-L/14-336-width LLaVA under FiCoCo-V at each
-   ratio, timed round by round on ONNX Runtime; speedup over ratio 1.0 vs `ficoco.flops.vision_flops`.
+1. vision: vision.onnx (export.trace.graphs) of a CLIP ViT-L/14-336-width LLaVA under FiCoCo-V at each
+   ratio, timed round by round on ONNX Runtime; speedup over ratio 1.0 vs `ficoco.analysis.flops.vision_flops`.
 2. prefill: the LLM graphs of the build layout (`runtime.names`: decoder.0, and with FiCoCo-L
    reduce.1 and decoder.1) of a Vicuna-7B-width decoder cut to 6 layers (FiCoCo-L acts at layer 4),
    exported as export.build does and chained as the runtime's prefill runs them (empty past
    buffers, the new K/V copied into the cache buffers; the runtime's OrtBackend); 60 text tokens,
-   unreduced / FiCoCo-V (k visual tokens) / FiCoCo-L; vs `ficoco.flops.prefill_flops`.
+   unreduced / FiCoCo-V (k visual tokens) / FiCoCo-L; vs `ficoco.analysis.flops.prefill_flops`.
 3. decode: one step at several cache lengths: `runtime.bench.decode_step_ms` on a `runtime.Pipeline`
    over an `export.build` build (the KV cache in place: each step starts at exactly that length),
    and one Hugging Face forward over a DynamicCache of that length; next to the figures from before
@@ -57,13 +57,13 @@ if __package__ in (None, ""):  # `python scripts/bench.py`: make the repository'
 import numpy as np
 import torch
 
-from ficoco import flops as F
+from ficoco.analysis import flops as F
 from ficoco.plan import BuildPlan
 from runtime import names
 from scripts import bench_models as M
 from scripts import bench_report as R
 
-TEXT_BEFORE, TEXT_AFTER = 5, 55  # the prefill's ~60 text tokens (ficoco.flops.TEXT_TOKENS)
+TEXT_BEFORE, TEXT_AFTER = 5, 55  # the prefill's ~60 text tokens (ficoco.analysis.flops.TEXT_TOKENS)
 INSTRUCTION = "Describe the image."
 SECTIONS = {"vision": "vision", "ops": "ficoco_ops", "prefill": "prefill", "decode": "decode", "chat": "chat"}  # name: bench.json key
 
@@ -219,7 +219,7 @@ class ChatModel:
 
     @classmethod
     def make(cls, mode: Mode, args, work: Path, log, baseline: bool) -> ChatModel:
-        from ficoco.presets import load
+        from ficoco.models.presets import load
         from runtime.manifest import read
 
         from export.reload import source_dir

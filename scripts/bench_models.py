@@ -3,8 +3,8 @@ code, and the two systems of the chat comparison (Hugging Face `generate`, `runt
 
 Widths: CLIP ViT-L/14-336 (LLaVA-1.5's vision tower) and Vicuna-7B's decoder (LLaVA-1.5-7B's LLM),
 with seeded random weights (matrices N(0, 0.02), biases 0, norm scales 1): the time of a
-static-shape graph does not depend on the values. Graphs go through `export.graphs.graph_set` and
-`export.pipeline.export_graph` exactly as `export.build` makes them (the build layout of
+static-shape graph does not depend on the values. Graphs go through `export.trace.graphs.graph_set` and
+`export.trace.pipeline.export_graph` exactly as `export.build` makes them (the build layout of
 `runtime.names`: vision.onnx, and the LLM as decoder segments and weightless FiCoCo-L reductions,
 with the same dynamic dims), and ONNX Runtime sessions are opened with the runtime's options plus
 an explicit thread count. The prefill is the runtime's own (`runtime.backend_ort.OrtBackend` through
@@ -111,15 +111,15 @@ def patched(model, variant: str, ratio: float):
 
 
 def graph_set(model, variant: str, ratio: float):
-    """The build's torch modules (`export.graphs.GraphSet`) of `model` under FiCoCo-`variant` at `ratio`."""
-    from export.graphs import graph_set as make
+    """The build's torch modules (`export.trace.graphs.GraphSet`) of `model` under FiCoCo-`variant` at `ratio`."""
+    from export.trace.graphs import graph_set as make
 
     return make(model, *patched(model, variant, ratio))
 
 
 def export_vision(model, ratio: float, path: Path) -> dict:
     """vision.onnx of `model` under FiCoCo-V at `ratio` (path: DIR/vision.onnx); returns the schedule."""
-    from export.pipeline import export_graph, is_large
+    from export.trace.pipeline import export_graph, is_large
     from runtime import names
 
     graphs = graph_set(model, "v", ratio)
@@ -148,7 +148,7 @@ def export_prefill(model, variant: str, ratio: float, directory: Path, before: i
     does (`example_args`, `export_graph`, `embedding_entry`), with a manifest (no tokenizer, not verified)."""
     from types import SimpleNamespace
 
-    from export import pipeline
+    from export.trace import pipeline
     from runtime import manifest
 
     graphs = graph_set(model, "v" if variant == "none" else variant, ratio)
@@ -291,7 +291,7 @@ def chat_model_dir(kind: str, out: Path) -> Path:
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from ficoco.presets import resolve_model_dir
+    from ficoco.models.presets import resolve_model_dir
 
     tiny = resolve_model_dir("tiny-llava-1.5")
     if kind == "tiny":

@@ -16,7 +16,7 @@ linear layers (export/quantize.py, QDQ form; activations fp32, export.build's de
    median of --repeats greedy generations of --new-tokens after one warm-up, same picture and prompt
    (target: int4 decode >= 2x fp32 decode), and whether ORT fused the QDQ pairs into MatMulNBits
    (the decoder graphs as ORT_ENABLE_ALL leaves them, saved with `optimized_model_filepath`).
-3. the memory plan of LLaVA-1.5-7B under FiCoCo-V 0.25 on an 8 GB Jetson Orin Nano (`ficoco.memory`):
+3. the memory plan of LLaVA-1.5-7B under FiCoCo-V 0.25 on an 8 GB Jetson Orin Nano (`ficoco.analysis.memory`):
    int4 and fp16, at max_seq_len 2048 and at the largest max_seq_len that fits.
 
 Random weights: quality is measured on real weights elsewhere. Writes weights.md, weights.json and
@@ -192,7 +192,7 @@ def measure_format(fmt: str, source: Path, work: Path, args, log: io.StringIO) -
 
 def largest_fitting(config: dict, ficoco, weights: str, vision: str | None) -> int | None:
     """The largest max_seq_len whose plan fits the Orin Nano (the plan grows with it), None if none does."""
-    from ficoco.memory import DEVICES, fits, plan_memory
+    from ficoco.analysis.memory import DEVICES, fits, plan_memory
 
     nano = [d for d in DEVICES if d.name == NANO]
     ok = lambda n: fits(plan_memory(config, ficoco, n, weights, vision_weights=vision), nano)[0][2]  # noqa: E731
@@ -209,7 +209,7 @@ def largest_fitting(config: dict, ficoco, weights: str, vision: str | None) -> i
 def memory_plans() -> dict:
     """LLaVA-1.5-7B, FiCoCo-V 0.25, on the Orin Nano: int4 (vision int4 / fp16) and fp16, at 2048 and at the fit."""
     from ficoco.config import FiCoCoConfig
-    from ficoco.memory import DEVICES, fits, format_plan, plan_dict, plan_memory
+    from ficoco.analysis.memory import DEVICES, fits, format_plan, plan_dict, plan_memory
     from scripts.flops import load_model_config
 
     config, ficoco = load_model_config(PLAN_MODEL), FiCoCoConfig("v", ratio=PLAN_RATIO)
@@ -291,10 +291,10 @@ def format_memory(memory: dict) -> list[str]:
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     d = memory["device"]
     lines = [f"## 3. Memory plan: {memory['model']}, {memory['setting']}, on the {d['name']}", "",
-             f"Of the {gib(d['memory'])} GiB, the OS share (`ficoco.memory.DEVICES` system reserve: firmware carve-outs, "
+             f"Of the {gib(d['memory'])} GiB, the OS share (`ficoco.analysis.memory.DEVICES` system reserve: firmware carve-outs, "
              f"the L4T OS and services, the CUDA context with TensorRT's kernels and the host runtime) is "
              f"{gib(d['system_reserve'])} GiB, leaving {gib(d['available'])} GiB for the build. Shape-only config, no weights read; "
-             "activations estimated (`ficoco.memory.activation_estimate`, prompt_len = max_seq_len). \"int4 (LLM and vision)\" is "
+             "activations estimated (`ficoco.analysis.memory.activation_estimate`, prompt_len = max_seq_len). \"int4 (LLM and vision)\" is "
              "`export.build --precision fp16 --weights int4 --quantize-vision`, \"int4 LLM, vision fp16\" the same without "
              "--quantize-vision; KV cache fp16.", "",
              "| weights | max_seq_len | weights GiB | KV cache GiB | activations GiB | total GiB | free GiB | fits |",

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from ficoco import FiCoCoConfig
-        from ficoco.presets import load
+        from ficoco.models.presets import load
 
         records = load_records(args.data, args.limit)
         config = None if args.variant == "none" else FiCoCoConfig(args.variant, ratio=args.ratio, tokens=args.tokens)

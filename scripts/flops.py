@@ -5,7 +5,7 @@
     python scripts/flops.py --all                                # the three paper models at once
     python scripts/flops.py --onnx builds/tiny-llava-1.5-v-r0.5-fp32   # ONNX graph count vs analytic
 
-Convention (the paper's, `ficoco.flops`): 2 FLOPs per multiply-accumulate of
+Convention (the paper's, `ficoco.analysis.flops`): 2 FLOPs per multiply-accumulate of
 every linear layer plus Q K^T and A V over the full T x T matrix, LLM prefill
 only, 576 visual tokens per 336 px crop and 60 text tokens. The visual tokens are
 those a build with the setting runs (`ficoco.plan`, as the manifest's FLOPs):
@@ -43,9 +43,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python scripts/flops.py`: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ficoco import flops as F
+from ficoco.analysis import flops as F
 from ficoco.config import Schedule, Step
-from ficoco.flops import (  # noqa: F401  (re-exported: the counting lives in ficoco.flops)
+from ficoco.analysis.flops import (  # noqa: F401  (re-exported: the counting lives in ficoco.analysis.flops)
     TEXT_TOKENS,
     VARIANTS,
     Count,
@@ -81,7 +81,7 @@ def config_path(model: str | Path) -> Path:
         return path / "config.json"
     if path.is_file():
         return path
-    from ficoco.presets import preset_names, resolve_model_dir
+    from ficoco.models.presets import preset_names, resolve_model_dir
 
     if str(model) in preset_names():
         return resolve_model_dir(str(model)) / "config.json"
@@ -183,7 +183,7 @@ class CrossCheck:
     """One graph: its MatMul/Gemm FLOPs vs the analytic count, and the known terms between the two."""
 
     graph: str
-    analytic: float  # ficoco.flops convention
+    analytic: float  # ficoco.analysis.flops convention
     onnx: float  # MatMul + Gemm nodes of the graph
     terms: dict[str, float] = field(default_factory=dict)  # in the graph, not in the convention (or vice versa)
     conv: float = 0.0  # Conv nodes (CLIP's patch embedding), outside the convention and not in `onnx`
@@ -199,7 +199,7 @@ class CrossCheck:
 
 
 def _vision_terms(config: dict, steps: list[list[int]], crops: int, kept: int) -> dict[str, float]:
-    """What vision.onnx computes beyond (or short of) `ficoco.flops.vision_flops`."""
+    """What vision.onnx computes beyond (or short of) `ficoco.analysis.flops.vision_flops`."""
     v, t = config["vision_config"], config["text_config"]
     tokens = kept + (config.get("vision_feature_select_strategy", "default") == "full")
     return {
@@ -211,7 +211,7 @@ def _vision_terms(config: dict, steps: list[list[int]], crops: int, kept: int) -
 
 
 def _prefill_terms(config: dict, steps: list[list[int]], text_after: int) -> dict[str, float]:
-    """What the decoder.* and reduce.* graphs compute beyond (or short of) `ficoco.flops.prefill_flops`."""
+    """What the decoder.* and reduce.* graphs compute beyond (or short of) `ficoco.analysis.flops.prefill_flops`."""
     t = config["text_config"]
     terms = {"LM head on the last position": 2.0 * t["hidden_size"] * t["vocab_size"]}
     if steps:

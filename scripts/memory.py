@@ -7,7 +7,7 @@
 
 `--model` takes what scripts/flops.py takes: a shipped shape-only config (scripts/configs/NAME.json),
 a checkpoint directory or config.json, or a preset name. No weights are read. The counting and the
-device table are `ficoco.memory`'s; bad input prints one `error: ...` line on stderr and exits 2.
+device table are `ficoco.analysis.memory`'s; bad input prints one `error: ...` line on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python scripts/memory.py`: make the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ficoco.config import FiCoCoConfig
-from ficoco.memory import KV_DTYPES, WEIGHTS, format_plan, plan_dict, plan_memory
+from ficoco.analysis.memory import KV_DTYPES, WEIGHTS, format_plan, plan_dict, plan_memory
 from ficoco.plan import DEFAULT_MAX_SEQ_LEN
 from scripts.flops import load_model_config, shipped_models
 

@@ -163,7 +163,7 @@ def visualize(model_name: str, image: Image.Image, variant: str, ratio: float, o
     The PNG carries the same list as JSON in its text chunk "ficoco".
     """
     from ficoco import FiCoCoConfig
-    from ficoco.presets import preset_names, load
+    from ficoco.models.presets import preset_names, load
 
     model, processor = load(model_name)
     rgb, steps, plan = trace(model, processor, image, FiCoCoConfig(variant, ratio=ratio))

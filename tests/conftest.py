@@ -10,8 +10,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def preset_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every preset in ``ficoco.presets.PRESETS`` built once per session: {name: checkpoint dir}."""
-    from ficoco.presets import PRESETS, build_preset
+    """Every preset in ``ficoco.models.presets.PRESETS`` built once per session: {name: checkpoint dir}."""
+    from ficoco.models.presets import PRESETS, build_preset
 
     root = tmp_path_factory.mktemp("presets")
     return {name: build_preset(name, root / name) for name in PRESETS}
@@ -21,7 +21,7 @@ def preset_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real-weights preset ``smol-llava-1.5``, through the preset cache that `--model smol-llava-1.5`
     also uses (built once, about 40 s and 0.54 GB, on a fresh machine)."""
-    from ficoco.presets import resolve_model_dir
+    from ficoco.models.presets import resolve_model_dir
 
     return resolve_model_dir("smol-llava-1.5")
 
@@ -49,7 +49,7 @@ def make_inputs(processor, image, instruction: str = "Describe the image."):
 @pytest.fixture(scope="session")
 def tiny(preset_dirs):
     """{preset name: (model float32, processor)}, loaded through the same code as a real checkpoint."""
-    from ficoco.presets import load
+    from ficoco.models.presets import load
 
     return {name: load(path) for name, path in preset_dirs.items()}
 

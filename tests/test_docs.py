@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = (README, *sorted((ROOT / "docs").glob("*.md")))
 README_MAX_LINES = 250
-MODULE_COMMANDS = ("export.build", "export.verify", "runtime.generate", "ficoco.demo")
+MODULE_COMMANDS = ("export.build", "export.trace.verify", "runtime.generate", "ficoco.demo")
 
 Commands = dict[str, dict[str, argparse.Action]]  # command -> "--flag" -> its argparse action
 

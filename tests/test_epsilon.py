@@ -61,8 +61,8 @@ def test_ties_at_the_top_add_targets() -> None:
 def real_maps(smol_dir: Path) -> dict[str, object]:
     """Head-averaged eager attention of smol-llava-1.5 on a picture: CLIP layer 12 [1, 577, 577] (seeded
     random tower) and SmolLM2 (real weights) decoder layer 4 [1, L, L], with the visual span."""
-    from ficoco.presets import load
-    from ficoco.real_presets import calibration_picture
+    from ficoco.models.presets import load
+    from ficoco.models.real_presets import calibration_picture
 
     model, processor = load(smol_dir)
     model.set_attn_implementation("eager")

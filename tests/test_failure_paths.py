@@ -269,7 +269,7 @@ MODEL_DAMAGE = [
 
 @pytest.fixture(scope="module")
 def preset_source() -> Path:
-    from ficoco.presets import resolve_model_dir
+    from ficoco.models.presets import resolve_model_dir
 
     return resolve_model_dir("tiny-llava-1.5")
 

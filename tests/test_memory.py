@@ -1,10 +1,10 @@
-"""ficoco.memory: parameter counts against real Hugging Face modules, weight bytes, KV capacities, the plan."""
+"""ficoco.analysis.memory: parameter counts against real Hugging Face modules, weight bytes, KV capacities, the plan."""
 
 from __future__ import annotations
 
 import pytest
 
-from ficoco import memory as M
+from ficoco.analysis import memory as M
 from ficoco.config import FiCoCoConfig, Step
 from ficoco.geometry import config_geometry, text_geometry
 from ficoco.plan import assemble, plan
@@ -24,7 +24,7 @@ def hf_model(kind: str, vision: dict, text: dict, **top):
 
 
 def graph_of(name: str, cuts: list[int], tied: bool, segments: int) -> str:
-    """The graph of the build layout that HF parameter `name` belongs to (independently of ficoco.memory)."""
+    """The graph of the build layout that HF parameter `name` belongs to (independently of ficoco.analysis.memory)."""
     if name.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")):
         return "vision"
     if name.startswith("model.language_model.embed_tokens."):
@@ -57,7 +57,7 @@ def check(model, config: dict, cuts: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ficoco.presets import build_tokenizer
+    from ficoco.models.presets import build_tokenizer
 
     return build_tokenizer()
 
@@ -67,7 +67,7 @@ def tokenizer():
 def test_counts_match_the_tiny_presets(name, cuts, tokenizer):
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    from ficoco.presets import PRESETS, _model_config
+    from ficoco.models.presets import PRESETS, _model_config
 
     config = _model_config(PRESETS[name], tokenizer)
     cls = LlavaForConditionalGeneration if config.model_type == "llava" else LlavaNextForConditionalGeneration

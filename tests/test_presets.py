@@ -1,4 +1,4 @@
-"""Tests for the offline tiny LLaVA presets (ficoco/presets.py)."""
+"""Tests for the offline tiny LLaVA presets (ficoco/models/presets.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ficoco import presets
-from ficoco.presets import PRESETS, ModelSourceError, PresetSpec, build_preset, load, resolve_model_dir
+from ficoco.models import presets
+from ficoco.models.presets import PRESETS, ModelSourceError, PresetSpec, build_preset, load, resolve_model_dir
 
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
@@ -175,17 +175,17 @@ def test_resolve_unknown_name_and_bad_dir(tmp_path) -> None:
 
 
 def test_checkpoint_sits_below_presets() -> None:
-    """ficoco.checkpoint owns ModelSourceError and imports nothing of ficoco.presets (no import cycle), at any level."""
+    """ficoco.models.checkpoint owns ModelSourceError and imports nothing of ficoco.models.presets (no import cycle), at any level."""
     import ast
 
-    from ficoco import checkpoint, real_presets
+    from ficoco.models import checkpoint, real_presets
 
     tree = ast.parse(Path(checkpoint.__file__).read_text(encoding="utf-8"))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not [name for name in imported if name and "presets" in name], sorted(filter(None, imported))
     assert presets.ModelSourceError is checkpoint.ModelSourceError is real_presets.ModelSourceError
-    assert ModelSourceError.__module__ == "ficoco.checkpoint"
+    assert ModelSourceError.__module__ == "ficoco.models.checkpoint"
 
 
 def test_resolve_existing_dir_and_cached_preset(preset_dirs, tmp_path, monkeypatch) -> None:

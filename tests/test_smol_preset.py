@@ -1,4 +1,4 @@
-"""The real-weights preset smol-llava-1.5 (ficoco/real_presets.py) against plain SmolLM2-135M-Instruct."""
+"""The real-weights preset smol-llava-1.5 (ficoco/models/real_presets.py) against plain SmolLM2-135M-Instruct."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from ficoco import presets, real_presets
-from ficoco.presets import ModelSourceError, load, resolve_model_dir
-from ficoco.real_presets import REAL_PRESETS, calibration_picture, gguf_path
+from ficoco.models import presets, real_presets
+from ficoco.models.presets import ModelSourceError, load, resolve_model_dir
+from ficoco.models.real_presets import REAL_PRESETS, calibration_picture, gguf_path
 
 NAME = "smol-llava-1.5"
 SPEC = REAL_PRESETS[NAME]

@@ -93,7 +93,7 @@ def test_token_counts_follow_the_schedule(build_dir):
 def test_verify_reruns_on_an_existing_build(build_dir, preset_dirs, capsys):
     """The manifest names the model without a local path, so a checkpoint directory is given again and
     must be the one the build was made from."""
-    from export.verify import main as verify_main
+    from export.trace.verify import main as verify_main
 
     build = build_dir("1.5-l")
     assert verify_main([str(build)]) == 2 and "pass --model DIR" in capsys.readouterr().err
@@ -136,6 +136,21 @@ def test_from_onnx_compiles_without_torch(build_dir, tmp_path):
     run = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert run.returncode == 0, run.stderr
     check_files(copy, read(copy)["engines"])
+
+
+def test_the_layout_keeps_torch_on_its_side():
+    """export/ (but export/trace/), ficoco's algorithm, plan and analysis, and the runtime import with torch,
+    transformers and Polygraphy blocked; export/trace/ does not."""
+    blocked = "import sys; sys.modules.update(dict.fromkeys(('torch', 'transformers', 'polygraphy')));"
+    free = ("export.build", "export.from_onnx", "export.engine", "export.request", "export.report", "export.workspace",
+            "export.memory", "export.gates", "export.quantize", "export.reload", "ficoco.plan", "ficoco.geometry",
+            "ficoco.analysis.flops", "ficoco.analysis.memory", "runtime.chain", "runtime.backend_ort", "runtime.backend_trt")
+    code = blocked + "import importlib; [importlib.import_module(m) for m in sys.argv[1:]]"
+    run = subprocess.run([sys.executable, "-c", code, *free], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-c", code, "export.trace.graphs"], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[2])
+    assert run.returncode != 0 and "torch" in run.stderr  # the check can fail: the torch side needs torch
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
@@ -194,9 +209,9 @@ def test_from_onnx_rejects_missing_or_altered_graphs(build_dir, tmp_path, capsys
 
 
 def test_tflops_budget_resolves_to_the_most_tokens_that_fit(tiny):
-    """--tflops B keeps the largest per-crop token count whose prefill (ficoco.flops convention) fits B."""
+    """--tflops B keeps the largest per-crop token count whose prefill (ficoco.analysis.flops convention) fits B."""
     from export.request import BuildRequest, resolve_budget
-    from ficoco.flops import prefill_flops, text_of
+    from ficoco.analysis.flops import prefill_flops, text_of
 
     model = tiny["tiny-llava-1.5"][0]
     resolved = resolve_budget(BuildRequest(tflops=0.002), model.config.to_dict(), None)
@@ -214,7 +229,7 @@ def checked_plan(preset: str, request):
     """request.ModelCheck of `request` on a preset, from its config.json alone (as check_model resolves it)."""
     from export.request import ModelCheck
     from ficoco import plan
-    from ficoco.presets import resolve_model_dir
+    from ficoco.models.presets import resolve_model_dir
 
     source = resolve_model_dir(preset)
     config = json.loads((source / "config.json").read_text())

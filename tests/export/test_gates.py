@@ -1,7 +1,7 @@
 """The parity gates: their limits follow the derivation, and deliberately broken exports fail them.
 
 Each broken export is made the way a real defect would arise (a changed forward or weight,
-exported with the project's own exporter) and run through `export.verify.verify`, the gate every
+exported with the project's own exporter) and run through `export.trace.verify.verify`, the gate every
 build goes through, against the unbroken PyTorch model. An unbroken copy must pass the same gate,
 so each failure is the defect's.
 """
@@ -16,8 +16,9 @@ import onnx
 import pytest
 import torch
 
-from export import gates, pipeline, segments, verify
-from export.graphs import graph_set
+from export import gates
+from export.trace import pipeline, segments, verify
+from export.trace.graphs import graph_set
 from export.request import BuildRequest
 from ficoco.core import language_step
 from runtime import names
@@ -90,7 +91,7 @@ class Reference:
         pipeline.export_graph(graphs, graph, args[graph], self.directory, self.request.max_seq_len, False)
 
     def verify(self) -> dict:
-        """export.verify on the copy: the runtime's ONNX Runtime backend over its (maybe broken) graphs."""
+        """export.trace.verify on the copy: the runtime's ONNX Runtime backend over its (maybe broken) graphs."""
         return verify.verify(Build.from_directory(self.directory), self.model, self.processor, self.graphs)
 
 

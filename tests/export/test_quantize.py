@@ -1,4 +1,4 @@
-"""export.quantize on a small decoder-like graph exported with torch.onnx (dynamo), as export.graphs does.
+"""export.quantize on a small decoder-like graph exported with torch.onnx (dynamo), as export.trace.graphs does.
 
 The toy: a tied embedding / LM head (V=512, D=256) and two pre-norm blocks of four bias-free Linears
 (256x256 twice, 256x704, 704x256), weights drawn from N(0, 1/K). Both K (256, 704) are multiples of
@@ -64,7 +64,7 @@ def _decoder(half: bool):
 
 
 def _export(path: Path, half: bool) -> Path:
-    """torch.onnx.export (dynamo, opset 18, external data), as export.graphs.export_onnx."""
+    """torch.onnx.export (dynamo, opset 18, external data), as export.trace.graphs.export_onnx."""
     import torch
 
     seq = torch.export.Dim("seq", min=1, max=64)

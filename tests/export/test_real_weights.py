@@ -57,7 +57,7 @@ def test_runtime_decodes_the_verified_tokens(real_build_dir):
 
     directory = real_build_dir("smol-l")
     reference = json.loads((directory / "parity.json").read_text())["end_to_end"]["torch_tokens"]
-    image = Image.linear_gradient("L").resize((500, 400)).convert("RGB")  # export.verify's picture
+    image = Image.linear_gradient("L").resize((500, 400)).convert("RGB")  # export.trace.verify's picture
     with Pipeline.from_build(directory, backend="onnxruntime") as pipe:
         result = pipe(image, "Describe the image.", max_new_tokens=len(reference))
     assert list(result.token_ids) == reference

@@ -49,7 +49,7 @@ def test_tiny_builds_store_each_weight_once(build_dir, tiny, name):
 def test_real_weights_build_with_a_tied_head_stores_the_table_once(real_build_dir, smol_dir):
     """SmolLM2 ties its LM head to the embedding table: the build has no embed.onnx, the runtime reads the
     table from the LM head's initializer, and the bytes add up with the table counted once."""
-    from ficoco.presets import load
+    from ficoco.models.presets import load
 
     directory = real_build_dir("smol-l")
     manifest = read(directory)

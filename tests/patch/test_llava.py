@@ -137,7 +137,7 @@ def test_language_step_matches_reference_inside_the_model(tiny, patched, photo, 
 
 def test_attention_maps_are_hugging_face_eager_attention(preset_dirs, photo):
     """The maps FiCoCo scores are HF's own eager attention probabilities, averaged over heads."""
-    from ficoco.presets import load
+    from ficoco.models.presets import load
 
     model, processor = load(preset_dirs["tiny-llava-1.5"], dtype=torch.float64)
     model.set_attn_implementation("eager")

@@ -28,9 +28,9 @@ INSTRUCTIONS = ("Describe the image.", "What is the colour of the sky in this pi
 
 def reference_model(build: Path, source: Path) -> tuple[Any, Any]:
     """The patched HF model and processor of a build made from checkpoint `source`, the NeXT grid pinned as
-    export.pipeline.fix_grid does."""
+    export.trace.pipeline.fix_grid does."""
     from ficoco import FiCoCoConfig, apply
-    from ficoco.presets import load
+    from ficoco.models.presets import load
 
     manifest = json.loads((build / "manifest.json").read_text())
     model, processor = load(source)

@@ -4,7 +4,7 @@
 * backend "torchvision" against the torchvision processors (``CLIPImageProcessor``, ...), which run in a
   subprocess (``tests/torchvision_shim.py``; skipped when ``.tv`` holds no torchvision): max abs diff <= 1e-6.
 
-The HF processors are built here with the settings of ``ficoco.presets._processor`` (no preset build needed).
+The HF processors are built here with the settings of ``ficoco.models.presets._processor`` (no preset build needed).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="scripts/bench.py draws bench.png with matplotlib")
 
-from ficoco import flops as F
+from ficoco.analysis import flops as F
 from ficoco.config import FiCoCoConfig, ModelGeometry, build_schedule
 from runtime.manifest import Build
 from scripts import bench
@@ -154,7 +154,7 @@ def test_sections_merge_into_an_existing_run(quick_run, small_build, small_sourc
 
 def test_prefill_step_runs_as_the_torch_reference(tmp_path):
     """bench_models.prefill_step (the runtime's OrtBackend through runtime.chain: decoder.0, reduce.1, decoder.1)
-    gives the logits and the cache rows of the patched model's own prefill (export.graphs.PrefillReference)."""
+    gives the logits and the cache rows of the patched model's own prefill (export.trace.graphs.PrefillReference)."""
     import numpy as np
     import torch
 

@@ -126,7 +126,7 @@ def test_cli_prints_vanilla_budgets_and_schedule(capsys):
 
 
 def test_onnx_graphs_agree_with_the_analytic_count(small_build, small_source):
-    """vision.onnx / decoder.0.onnx MatMul+Gemm FLOPs vs ficoco.flops: within 1%, and the rest fully explained."""
+    """vision.onnx / decoder.0.onnx MatMul+Gemm FLOPs vs ficoco.analysis.flops: within 1%, and the rest fully explained."""
     rows = {row.graph: row for row in flops.cross_check(small_build, model=small_source)}
     vision, prefill = rows["vision"], rows["prefill"]
     assert abs(vision.relative) < 0.01 and abs(prefill.relative) < 0.001
@@ -160,7 +160,7 @@ def test_prefill_dims_follow_the_segments():
 
 def test_llava_next_ficoco_l_chain_agrees_with_the_analytic_count(build_dir, preset_dirs):
     """LLaVA-NeXT FiCoCo-VL: decoder.0 + reduce.1 + decoder.1 (newline tokens in the visual span) against
-    ficoco.flops, every difference itemised; and the manifest's FLOPs are the script's count."""
+    ficoco.analysis.flops, every difference itemised; and the manifest's FLOPs are the script's count."""
     build, source = build_dir("next-vl"), preset_dirs["tiny-llava-next"]
     manifest = json.loads((build / "manifest.json").read_text())
     schedule = manifest["schedule"]

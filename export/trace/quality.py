@@ -1,6 +1,6 @@
 """Quantized builds against the unquantized fp32 PyTorch model: how much the weights' rounding changes.
 
-The float graphs are verified first with the exact gates (`export.verify`): that proves the export.
+The float graphs are verified first with the exact gates (`export.trace.verify`): that proves the export.
 Quantization then changes the answers by design, so its effect is measured end to end, on several
 prompts and pictures, with the build run by the runtime's own ONNX Runtime backend (`runtime.chain`):
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import gates, verify
+from .. import gates
+from . import verify
 
 # minimum teacher-forced agreement and mean logits cosine per weight format (README: measured on smol-llava-1.5)
 GATES = {"int8": {"agreement": 0.90, "cosine": 0.995}, "int4": {"agreement": 0.75, "cosine": 0.95}}
@@ -82,7 +83,7 @@ def measure(build, model, processor, graphs, weights: str, vision_quantized: boo
     record = {"weights": weights, "prompts": len(samples), "positions": total, "agreement": agree / total,
               "cosine": float(np.mean(cosines)), "cosine_min": float(np.min(cosines)),
               "greedy_identical_prefix": prefixes, "greedy_match": float(np.mean(matches)),
-              "greedy_tokens": first,  # the build's own, on the first prompt and picture (export.verify's)
+              "greedy_tokens": first,  # the build's own, on the first prompt and picture (export.trace.verify's)
               "gate": GATES[weights]}
     if vision_quantized:
         record["kept_overlap"] = kept_overlap(build.path("graphs", "vision"), graphs, samples, weights)

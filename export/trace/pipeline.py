@@ -11,13 +11,13 @@ import torch
 
 from ficoco import BuildPlan, FiCoCoConfig, apply
 from ficoco import plan as build_plan
-from ficoco import flops as flops_model
+from ficoco.analysis import flops as flops_model
 from ficoco.patch.llava import Plan
 from runtime.manifest import MAX_SEQ_LEN_KEY, file_entry
 
 from runtime import names
 from .graphs import GraphSet, export_onnx
-from .request import BuildRequest
+from ..request import BuildRequest
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # graphs whose weights pass this use ONNX external data (protobuf limit 2 GB)
@@ -28,7 +28,7 @@ def load_model(request: BuildRequest):
     import json
 
     from ficoco.patch.llava import ADAPTERS
-    from ficoco.presets import load, resolve_model_dir
+    from ficoco.models.presets import load, resolve_model_dir
 
     source = resolve_model_dir(request.model)
     architectures = json.loads((source / "config.json").read_text()).get("architectures") or ["(none listed)"]
@@ -193,7 +193,7 @@ def example_args(graphs: GraphSet, sample) -> dict[str, tuple]:
 
 
 def flops_estimate(model, plan: BuildPlan, text_tokens: int = 60) -> dict:
-    """Analytic TFLOPs of this build vs. unreduced, at `text_tokens` text tokens (ficoco.flops convention)."""
+    """Analytic TFLOPs of this build vs. unreduced, at `text_tokens` text tokens (ficoco.analysis.flops convention)."""
     config = model.config.to_dict()
     reduced = dict(zip(("vision", "prefill"), flops_model.plan_flops(config, plan, text_tokens)))
     full = dict(zip(("vision", "prefill"), flops_model.plan_flops(config, plan.unreduced(), text_tokens)))

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import FiCoCoConfig, Schedule
-from .geometry import config_geometry, text_geometry
-from .plan import BuildPlan
-from .plan import plan as build_plan
+from ..config import FiCoCoConfig, Schedule
+from ..geometry import config_geometry, text_geometry
+from ..plan import BuildPlan
+from ..plan import plan as build_plan
 
 TEXT_TOKENS = 60  # the paper's "about 60" text tokens of a prompt
 ANY_PROMPT = 1 << 20  # FLOPs do not depend on the cache: the plans counted here hold any prompt

@@ -7,7 +7,7 @@ with tiny widths, and a tiny GQA Llama decoder, all with seeded random weights.
 They are written with ``save_pretrained`` and read back through :func:`load`,
 which is the same code path a real local checkpoint directory (for example a
 ``llava-hf/llava-1.5-7b-hf`` snapshot) goes through. The real-weights preset ``smol-llava-1.5``
-(``ficoco/real_presets.py``) is resolved, built and cached by the same functions.
+(``ficoco/models/real_presets.py``) is resolved, built and cached by the same functions.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def _init_weights(model: torch.nn.Module, spec: PresetSpec, only: tuple[str, ...
 def build_preset(name: str, out_dir: str | Path) -> Path:
     """Build preset ``name`` into ``out_dir`` (model weights in float32 safetensors, tokenizer,
     image processor, processor config and chat template, all via ``save_pretrained``).
-    Real-weights presets (``ficoco.real_presets.REAL_PRESETS``) are built by their own module."""
+    Real-weights presets (``ficoco.models.real_presets.REAL_PRESETS``) are built by their own module."""
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     from .real_presets import REAL_PRESETS, build_real_preset
@@ -361,7 +361,7 @@ def _build_cached(name: str, cache_root: Path) -> Path:
 def resolve_model_dir(name_or_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Map a checkpoint directory or a preset name to a local directory with ``config.json``.
 
-    A directory containing config.json is returned as is once ``ficoco.checkpoint`` found its weights,
+    A directory containing config.json is returned as is once ``ficoco.models.checkpoint`` found its weights,
     tokenizer and processor files complete and readable; a preset name is built once into
     ``cache_dir`` (else ``$FICOCO_CACHE``, else ``~/.cache/ficoco``); anything else raises
     :class:`ModelSourceError`.

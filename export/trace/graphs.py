@@ -1,7 +1,7 @@
 """The torch modules of a build's graphs over a FiCoCo-patched LLaVA model, and their ONNX export.
 
 Exported (I/O: `runtime.names`): `VisionGraph`, and the LLM stored once as the decoder segments and
-weightless reductions of `export.segments` (plus `EmbedGraph` when the LM head is untied). The
+weightless reductions of `export.trace.segments` (plus `EmbedGraph` when the LM head is untied). The
 references the verification compares them with are `PrefillReference` / `DecodeReference`: the
 patched Hugging Face decoder itself (`ficoco.patch.llama.decoder_forward`, HF's own layers and a
 concatenating cache), so a segment's buffer attention is checked against code it does not share.

@@ -1,6 +1,6 @@
 """Parity of a build's ONNX graphs against the FiCoCo-patched PyTorch model, with Polygraphy.
 
-    python -m export.verify BUILD_DIR        # re-runs the checks of an existing build
+    python -m export.trace.verify BUILD_DIR        # re-runs the checks of an existing build
 
 Polygraphy's Comparator runs a PyTorch runner and an ONNX Runtime runner on the
 same feeds (two prompts of different lengths): vision.onnx against its torch
@@ -35,7 +35,7 @@ from runtime import loop, names
 from runtime.errors import BackendError
 from runtime.manifest import Build, BuildError
 
-from . import gates
+from .. import gates
 from .runners import HostRunner
 
 NEW_TOKENS = 32
@@ -77,7 +77,7 @@ def split_prompt(input_ids: torch.Tensor, image_token_id: int) -> tuple[np.ndarr
 
 
 def make_sample(processor, image_token_id: int, instruction: str, dtype=np.float32, image=None) -> Sample:
-    """One prompt about `image` (default: export.verify's gradient picture)."""
+    """One prompt about `image` (default: export.trace.verify's gradient picture)."""
     from PIL import Image
 
     image = image if image is not None else Image.linear_gradient("L").resize((500, 400)).convert("RGB")
@@ -387,11 +387,11 @@ def verify(build: Build, model, processor, graphs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.verify", description="Re-run the parity checks of a build.")
+    parser = argparse.ArgumentParser(prog="python -m export.trace.verify", description="Re-run the parity checks of a build.")
     parser.add_argument("build", type=Path)
     parser.add_argument("--model", help="the checkpoint directory the build was made from (not needed for presets)")
     args = parser.parse_args(argv)
-    from .reload import reload_for_verify
+    from ..reload import reload_for_verify
 
     try:
         build = Build.from_directory(args.build)

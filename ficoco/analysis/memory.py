@@ -24,9 +24,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import FiCoCoConfig, Step
-from .geometry import text_config, text_geometry
-from .plan import BuildPlan, plan
+from ..config import FiCoCoConfig, Step
+from ..geometry import text_config, text_geometry
+from ..plan import BuildPlan, plan
 
 GiB = 2**30
 FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}

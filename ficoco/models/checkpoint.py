@@ -1,7 +1,7 @@
 """Is a local checkpoint directory complete and readable? Checked before anything is loaded.
 
 `check_checkpoint(directory)` raises `ModelSourceError` (a ValueError, defined here and also raised by
-`ficoco.presets` for a model argument that is neither a preset nor a directory) naming the file and what is
+`ficoco.models.presets` for a model argument that is neither a preset nor a directory) naming the file and what is
 wrong with it; it reads headers and small files only, never the weights themselves:
 
 * architecture: config.json's first `architectures` entry has a FiCoCo adapter.
@@ -105,7 +105,7 @@ def check_tokenizer_and_processor(directory: Path) -> None:
 
 def check_architecture(directory: Path) -> None:
     """config.json names an architecture FiCoCo has an adapter for (LLaVA-1.5, LLaVA-NeXT)."""
-    from .patch.llava import ADAPTERS
+    from ..patch.llava import ADAPTERS
 
     architectures = _json_object(directory / "config.json").get("architectures") or ["(none listed)"]
     if not isinstance(architectures, list) or architectures[0] not in ADAPTERS:
