@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="TensorRT flavour for the engines")
     p.add_argument("--compute-capability", nargs="+", default=None, metavar="SM", help="TensorRT-RTX targets, e.g. 8.6 12.0")
     p.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (prompt and answer) the build "
-                   f"serves (default {BuildRequest.max_seq_len}); with --from-onnx, the build's")
+                   "serves (default: an unreduced image's visual tokens plus 512, rounded up to 1024, at least 2048: "
+                   "2048 for LLaVA-1.5, 4096 for LLaVA-NeXT at 2x2); with --from-onnx, the build's")
     p.add_argument("--grid", default=None, help="LLaVA-NeXT anyres grid fixed by the build, rows x cols (default 2x2)")
     check = p.add_mutually_exclusive_group()
     check.add_argument("--allow-parity-failure", action="store_true",
@@ -104,7 +105,7 @@ def export_and_verify(checked: ModelCheck, tmp: Path, progress: Progress) -> dic
     entries = {}
     for graph in graphs.exported:
         with progress.stage(f"export {graph}.onnx"):
-            entries[graph] = pipeline.export_graph(graphs, graph, args[graph], tmp, request.max_seq_len, large)
+            entries[graph] = pipeline.export_graph(graphs, graph, args[graph], tmp, plan.max_seq_len, large)
     body = describe_build(request, model, processor, plan, checked.budget)
     body["source"].update(source_entry(request.model, source))
     body["tokenizer"] = {**pipeline.copy_tokenizer(source, tmp), **body["tokenizer"]}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ficoco.config import FiCoCoConfig
-from ficoco.plan import DEFAULT_MAX_SEQ_LEN, BuildPlan
+from ficoco.plan import BuildPlan, default_max_seq_len
 
 VARIANTS = ("v", "l", "vl", "none")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -45,7 +45,7 @@ class BuildRequest:
     precision: str = "fp32"
     backend: str = "auto"
     compute_capabilities: tuple[str, ...] = DEFAULT_COMPUTE_CAPABILITIES
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    max_seq_len: int | None = None  # None: the model's default (`ficoco.plan.default_max_seq_len`), set by check_model
     allow_parity_failure: bool = False  # verify, publish even if it fails (marked failed in the manifest)
     verify: bool = True  # False: --no-verify, no parity check at all
     grid: tuple[int, int] = (2, 2)
@@ -72,7 +72,7 @@ class BuildRequest:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not 16 <= self.max_seq_len <= 131072:
+        if self.max_seq_len is not None and not 16 <= self.max_seq_len <= 131072:
             raise ValueError(f"--max-seq-len must be in [16, 131072], got {self.max_seq_len}")
         if self.precision == "bf16" and self.verify:
             raise ValueError("--precision bf16 cannot be verified on ONNX Runtime's CPU provider (no bf16 kernels); add --no-verify")
@@ -170,10 +170,13 @@ def check_model(request: BuildRequest) -> ModelCheck:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ModelSourceError(f"{source / 'config.json'}: not a usable LLaVA config: {' '.join(str(error).split())[:200]}") from None
     positions = settings["text_config"].get("max_position_embeddings")
+    grid = request.grid if next_model or request.grid_given else None  # LLaVA-1.5 with --grid: refused by the plan
+    if request.max_seq_len is None:  # the default: an unreduced image at the build's grid and room to answer
+        default = default_max_seq_len(settings, grid)
+        request = dataclasses.replace(request, max_seq_len=min(default, positions) if isinstance(positions, int) else default)
     if isinstance(positions, int) and request.max_seq_len > positions:
         raise ValueError(f"--max-seq-len {request.max_seq_len} is more than the model's {positions} positions "
                          "(text_config.max_position_embeddings)")
-    grid = request.grid if next_model or request.grid_given else None  # LLaVA-1.5 with --grid: refused by the plan
     resolved = resolve_budget(request, settings, grid)
     plan = build_plan(settings, resolved.ficoco_config(), grid, max_seq_len=request.max_seq_len)  # ValueError naming values
     from .trace.pipeline import prompt_lengths  # the prompts need the processor (torch side)

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from .config import FiCoCoConfig, ModelGeometry, Step, build_schedule, language_schedule
 from .geometry import TextGeometry, anyres_grid, config_geometry, text_geometry
 
-DEFAULT_MAX_SEQ_LEN = 2048  # export.build's --max-seq-len default
+DEFAULT_MAX_SEQ_LEN = 2048  # the least --max-seq-len a build gets by default (`default_max_seq_len`)
+ANSWER_ROOM = 512  # tokens a default --max-seq-len leaves beside an unreduced image: the prompt's text and the answer
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,14 @@ def assemble(variant: str, geometry: ModelGeometry, text: TextGeometry, grid: tu
             raise ValueError(f"FiCoCo-L step {step} is outside {text.layers} layers / {visual} visual tokens")
     return BuildPlan(variant, geometry, text, grid, crops, vision, kept, newline_rows, visual, language, max_seq_len,
                      segments_of(text.layers, language, max_seq_len))
+
+
+def default_max_seq_len(model_config: dict, grid: tuple[int, int] | None = None) -> int:
+    """export.build's --max-seq-len when none is given: the visual tokens of an unreduced image at the build's
+    anyres grid (`grid`, default the one of most crops) plus ANSWER_ROOM, rounded up to a multiple of 1024, at
+    least DEFAULT_MAX_SEQ_LEN: 2048 for LLaVA-1.5 (576 visual tokens), 4096 for LLaVA-NeXT at 2 x 2 (2882)."""
+    visual = plan(model_config, None, grid).visual_tokens
+    return max(DEFAULT_MAX_SEQ_LEN, -(-(visual + ANSWER_ROOM) // 1024) * 1024)
 
 
 def plan(model_config: dict, config: FiCoCoConfig | None, grid: tuple[int, int] | None = None,

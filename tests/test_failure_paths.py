@@ -321,9 +321,10 @@ def test_bad_out_and_flags_are_refused_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("args, given, visual, generated", [
     (["--model", "tiny-llava-1.5", "--ratio", "0.5", "--max-seq-len", "64"], 64, 288, True),
-    (["--model", "tiny-llava-next", "--variant", "l", "--ratio", "0.5"], 2048, 2882, True),  # the default --max-seq-len
-    (["--model", "tiny-llava-next", "--variant", "l", "--ratio", "0.5", "--no-verify"], 2048, 2882, False),
-], ids=["1.5-short", "next-default", "next-no-verify"])
+    (["--model", "tiny-llava-next", "--variant", "l", "--ratio", "0.5", "--max-seq-len", "2048"], 2048, 2882, True),
+    (["--model", "tiny-llava-next", "--variant", "l", "--ratio", "0.5", "--no-verify", "--max-seq-len", "2048"], 2048, 2882,
+     False),
+], ids=["1.5-short", "next-2048", "next-no-verify"])
 def test_a_max_seq_len_the_prompts_overflow_is_refused_before_any_export(args, given, visual, generated, tmp_path):
     """The unreduced prompt at layer 0 (its text + the plan's visual tokens), and with the verification the
     tokens it generates, must fit --max-seq-len: else one line naming both, exit 2, nothing written."""

@@ -7,7 +7,7 @@ import pytest
 from ficoco.analysis import memory as M
 from ficoco.config import FiCoCoConfig, Step
 from ficoco.geometry import config_geometry, text_geometry
-from ficoco.plan import assemble, plan
+from ficoco.plan import assemble, default_max_seq_len, plan
 from scripts.flops import load_model_config
 
 # --------------------------------------------------------------------------- against Hugging Face
@@ -154,6 +154,17 @@ def test_kv_capacities_shrink_after_each_reduction():
     per_token = 2 * 32 * 128 * 2  # K and V, 32 heads of 128, fp16
     assert M.kv_bytes(two, 2) == per_token * (3 * 2048 + 4 * 1904 + 25 * 1760)
     assert M.kv_bytes(plan(config, None, max_seq_len=2048), 2) == 2**30
+
+
+def test_the_default_max_seq_len_holds_an_unreduced_image_and_room_to_answer():
+    """default_max_seq_len: visual tokens of an unreduced image at the build's grid + 512, up to a multiple of 1024,
+    at least 2048 (576 -> 2048; NeXT 2x2: 5 x 576 + 2 = 2882 -> 4096; 1x2: 3 x 576 + 1 = 1729 -> 3072)."""
+    assert default_max_seq_len(load_model_config("llava-1.5-7b")) == 2048
+    next_7b = load_model_config("llava-v1.6-vicuna-7b")
+    assert default_max_seq_len(next_7b) == default_max_seq_len(next_7b, (2, 2)) == 4096
+    assert default_max_seq_len(next_7b, (1, 2)) == 3072
+    unreduced = plan(next_7b, None, (2, 2), max_seq_len=default_max_seq_len(next_7b))
+    assert unreduced.max_seq_len - unreduced.visual_tokens >= 512
 
 
 def test_kv_uses_kv_heads_and_head_dim():

@@ -11,6 +11,7 @@ import torch
 
 from ficoco import BuildPlan, FiCoCoConfig, apply
 from ficoco import plan as build_plan
+from ficoco.plan import default_max_seq_len
 from ficoco.analysis import flops as flops_model
 from ficoco.patch.llava import Plan
 from runtime.manifest import MAX_SEQ_LEN_KEY, file_entry
@@ -73,7 +74,8 @@ def patch(model, processor, request: BuildRequest, plan: BuildPlan | None = None
     config: FiCoCoConfig = request.ficoco_config()
     if plan is None:  # ValueError naming --grid where the model has no such grid (or none: LLaVA-1.5)
         grid = request.grid if next_model or request.grid_given else None
-        plan = build_plan(model.config.to_dict(), config, grid, max_seq_len=request.max_seq_len)
+        settings = model.config.to_dict()
+        plan = build_plan(settings, config, grid, max_seq_len=request.max_seq_len or default_max_seq_len(settings, grid))
     if next_model:
         fix_grid(model, processor, plan.grid)
     if request.precision != "fp32":

@@ -36,7 +36,8 @@ def test_the_runtime_reads_back_the_plan_the_export_wrote(build_dir, quant_build
         inputs = {t["name"] for t in manifest["graphs"][names.decoder(segment.index)]["inputs"]}
         assert {n for n in inputs if n.startswith("past.")} == set(names.cache_names(names.past, segment.layers))
     removed = {"1.5-l": 288, "1.5-l-int4": 288, "1.5-vl": 144, "next-vl": 721}.get(name, 0)  # FiCoCo-L at layer 4 of 8
-    assert build.plan.capacities == (2048,) * 5 + (2048 - removed,) * 3
+    longest = 4096 if name.startswith("next") else 2048  # the default --max-seq-len: 2882 (576) unreduced visual + 512
+    assert build.plan.max_seq_len == longest and build.plan.capacities == (longest,) * 5 + (longest - removed,) * 3
 
 
 @requires_rtx
@@ -234,7 +235,7 @@ def checked_plan(preset: str, request):
     source = resolve_model_dir(preset)
     config = json.loads((source / "config.json").read_text())
     grid = request.grid if preset == "tiny-llava-next" else None
-    return ModelCheck(source, request, None, plan(config, request.ficoco_config(), grid, request.max_seq_len), tied=False)
+    return ModelCheck(source, request, None, plan(config, request.ficoco_config(), grid, request.max_seq_len or 2048), tied=False)
 
 
 @pytest.mark.parametrize("preset, kwargs, engines, stages", [

@@ -88,7 +88,7 @@ class Reference:
     def export(self, graphs, graph: str) -> None:
         sample = verify.make_sample(self.processor, self.model.config.image_token_id, verify.COMPARE_PROMPTS[0])
         args = pipeline.example_args(graphs, sample)
-        pipeline.export_graph(graphs, graph, args[graph], self.directory, self.request.max_seq_len, False)
+        pipeline.export_graph(graphs, graph, args[graph], self.directory, self.plan.max_seq_len, False)
 
     def verify(self) -> dict:
         """export.trace.verify on the copy: the runtime's ONNX Runtime backend over its (maybe broken) graphs."""

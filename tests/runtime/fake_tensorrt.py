@@ -245,7 +245,8 @@ class FakeContext:
         self._config = weakref.ref(config) if config is not None else None
 
     @property
-    def config(self) -> FakeRuntimeConfig | None:
+    def _runtime_config(self) -> FakeRuntimeConfig | None:
+        """The IRuntimeConfig, while someone else keeps it alive (not a TensorRT name: the tests read it)."""
         return self._config() if self._config is not None else None
 
     def set_input_shape(self, name: str, shape: Any) -> bool:
@@ -301,11 +302,11 @@ class FakeContext:
 
     def _compile(self, shapes: dict) -> None:
         """TensorRT-RTX JIT: a kernel per new set of dynamic input shapes, unless the strategy is NONE."""
-        if self.config is None or self.config.dynamic_shapes_kernel_specialization_strategy == Strategy.NONE:
+        if self._runtime_config is None or self._runtime_config.dynamic_shapes_kernel_specialization_strategy == Strategy.NONE:
             return
         key = f"{self.engine.sha}:{sorted(shapes.items())}"
-        if self.config.cache is not None and key not in self.config.cache.kernels:
-            self.config.cache.kernels.add(key)
+        if self._runtime_config.cache is not None and key not in self._runtime_config.cache.kernels:
+            self._runtime_config.cache.kernels.add(key)
             self.engine.module.compiles += 1
 
     def _kernel(self, shapes: dict, addresses: dict, outputs: dict) -> None:

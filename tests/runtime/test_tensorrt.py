@@ -282,7 +282,7 @@ def test_rtx_runtime_cache_and_kernel_specialization(build_dir, photo_files, tmp
     with Pipeline.from_build(engines, backend="tensorrt") as pipe:
         contexts = {g: e.context for g, e in pipe.backend.engines.items()}
         assert set(contexts) == {names.VISION, "decoder.0", "reduce.1", "decoder.1"}
-        assert {c.config.dynamic_shapes_kernel_specialization_strategy for c in contexts.values()} == {Strategy.LAZY}
+        assert {c._runtime_config.dynamic_shapes_kernel_specialization_strategy for c in contexts.values()} == {Strategy.LAZY}
         first = pipe(photo_files["coffee"], "Describe the image.", max_new_tokens=10)
         assert first.tokens.generated > 1 and module.compiles == 6  # vision; reduce.1's prompt; each segment's prompt and q = 1
     assert sorted(p.name.split("-")[0] for p in (cache_root / "tensorrt-rtx").iterdir()) == ["decoder.0", "decoder.1", "reduce.1", "vision"]

@@ -24,7 +24,7 @@ def test_the_rtx_runtime_config_lives_as_long_as_its_context(build_dir, photo_fi
     engines = with_engines(build_dir("1.5-l"), tmp_path, flavour="tensorrt-rtx")
     with Pipeline.from_build(engines, backend="tensorrt") as pipe:
         gc.collect()
-        assert all(engine.context.config is engine.config is not None for engine in pipe.backend.engines.values())
+        assert all(engine.context._runtime_config is engine.config is not None for engine in pipe.backend.engines.values())
         assert pipe(photo_files["coffee"], "Describe the image.", max_new_tokens=2).tokens.generated >= 1
     keeping = backend_trt._Engine.__init__
 
