@@ -10,8 +10,8 @@ CURRENT), or for `--compute-capability` when given, or, with no GPU visible, for
 targets; standard TensorRT always builds for the local GPU. The manifest records the compute
 capability actually targeted (the local GPU's where one is visible) and the TensorRT version.
 `--max-seq-len` and `--precision` were fixed when the graphs were exported: given here, they must be
-the build's. The manifest's memory plan is computed again for the new engines where onnx is installed
-(`memory_plan`, from the build's copy of config.json), and left out where it is not.
+the build's. The manifest's memory plan is computed again for the new engines (`memory_plan`, from the
+build's copy of config.json and, without onnx, the weight bytes the build measured).
 
 Nothing changes unless everything succeeds: the new build is assembled in an `export.workspace`
 beside the build (the graphs and tokenizer hard-linked, copied where links are not possible), the
@@ -135,11 +135,10 @@ def link_tree(directory: Path, target: Path, skip: set[str]) -> None:
 FIXED_AT_EXPORT = ("max_seq_len", "precision")  # the graphs' shapes and float type
 
 
-def check_fixed(body: dict, given: dict[str, object]) -> None:
+def check_fixed(plan: BuildPlan, precision: str, given: dict[str, object]) -> None:
     """--max-seq-len and --precision were fixed when the ONNX was exported: given with --from-onnx (not None),
     they must be the build's; ValueError naming each that differs."""
-    plan = BuildPlan.from_dict(body["schedule"])
-    build = {"max_seq_len": plan.max_seq_len, "precision": body["precision"]}
+    build = {"max_seq_len": plan.max_seq_len, "precision": precision}
     differ = [f"--{key.replace('_', '-')} {given[key]} (the build's is {build[key]})"
               for key in FIXED_AT_EXPORT if given.get(key) is not None and given[key] != build[key]]
     if differ:
@@ -170,14 +169,15 @@ def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bo
 
     body = manifest_io.read(directory)
     manifest_io.check_files(directory, body["graphs"])
-    check_fixed(body, given or {})
+    plan = BuildPlan.from_dict(body["schedule"])
+    check_fixed(plan, body["precision"], given or {})
     flavour = resolve_flavour(request.backend)
     if flavour is None:
         raise ValueError("--from-onnx needs a TensorRT backend: --backend tensorrt or tensorrt-rtx")
     if capabilities_given:
         check_targets(request, flavour)
     targets = request.compute_capabilities if capabilities_given else device_targets(flavour)
-    request = dataclasses.replace(request, precision=body["precision"], max_seq_len=BuildPlan.from_dict(body["schedule"]).max_seq_len,
+    request = dataclasses.replace(request, precision=body["precision"], max_seq_len=plan.max_seq_len,
                                   compute_capabilities=targets, verify=False)  # engines only: nothing to verify
     old_engines = {entry["file"] for entry in (body.get("engines") or {}).values()}
     rewritten = {manifest_io.FILENAME, "build.log", *old_engines, *(f"{g}.engine" for g in body["graphs"])}
@@ -187,8 +187,8 @@ def run_from_onnx(directory: Path, request: BuildRequest, capabilities_given: bo
         body["engines"], body["tensorrt"] = build_engines(ws.build, body, request, flavour, progress)
         body["memory"] = memory_plan(ws.build, body)  # its engine bytes and device memory: these engines'
         if body["memory"] is None:
-            print("note: the memory plan is left out of the manifest: it needs onnx (pip install onnx) and the "
-                  "build's config.json (builds made since it is copied)", flush=True)
+            print("note: the memory plan is left out of the manifest: it needs the build's config.json, which "
+                  "builds made before it was copied lack", flush=True)
         for key in ("schema", "schema_version"):
             body.pop(key, None)
         manifest_io.write(ws.build, body)

@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from ficoco.analysis import memory
+from ficoco.config import FiCoCoConfig
 from ficoco.plan import BuildPlan
 
 
@@ -50,8 +51,7 @@ def memory_section(directory: Path, body: dict, config: dict) -> dict:
     weights = quantization.get("weights") or body["precision"]
     vision = weights if quantization.get("vision") else body["precision"]
     kv_dtype = "fp32" if body["precision"] == "fp32" else "fp16"  # the runtime's buffers: the graphs' float type
-    setting = "none" if body["variant"] == "none" else f"FiCoCo-{body['variant'].upper()} " + (
-        f"ratio {body['ficoco']['ratio']}" if body["ficoco"].get("ratio") is not None else f"tokens {body['ficoco']['tokens']}")
+    setting = memory.describe(None if body["variant"] == "none" else FiCoCoConfig.from_dict(body["ficoco"]))
     plan = memory.memory_of(config, BuildPlan.from_dict(body["schedule"]), weights, setting=setting, vision_weights=vision,
                             kv_dtype=kv_dtype, engine_memory=engine_memory)
     measured = measured_weights(directory, body)

@@ -262,7 +262,7 @@ def bench_decode(mode: Mode, args, chat: ChatModel) -> dict:
     runtime's KV cache memory: one copy, allocated once; before the in-place cache, two (`bench_report.BEFORE`)."""
     from runtime import bench as runtime_bench
 
-    build, manifest = chat.builds["ficoco"], chat.manifests["ficoco"]
+    build = chat.builds["ficoco"]
     repeats = max(args.repeats, 5)
     with M.open_pipeline(build, args.threads) as pipe:
         lengths = [length for length in mode.lengths if length < pipe.build.plan.max_seq_len]  # the lengths the build admits
